@@ -1,0 +1,92 @@
+"""Baselines without extra structure: full, linear, BitFit, norm tuning, partial-k.
+
+Definitions follow the baselines of SSF (Lian et al., 2022, Sec. 4.1 / Table 5)
+and VPT (Jia et al., 2022, Sec. 4): *full* tunes every weight, *linear* only
+the classifier, *bitfit* the biases (Zaken et al.), *norm* the affine
+parameters of the normalisation layers, *partial-k* the last k blocks with
+the final norm. The classifier is always trained (``create_model`` sees to
+that). None of them adds modules, so each model is already a plain timm model
+and ``merge`` returns it as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import MethodOptionError
+from .common import NORM_TYPES, body_named_modules, get_module, unfreeze
+from .registry import register_method
+
+
+def _nothing_to_fold(model: nn.Module, anatomy) -> None:
+    """These methods add no modules; the trained model is already plain."""
+
+
+@dataclass
+class FullConfig:
+    pass
+
+
+@register_method("full", FullConfig, "every weight of the backbone and the head", merge=_nothing_to_fold)
+def apply_full(model: nn.Module, anatomy, config: FullConfig) -> None:
+    unfreeze(model)
+
+
+@dataclass
+class LinearConfig:
+    pass
+
+
+@register_method("linear", LinearConfig, "the classifier only (linear probing)", merge=_nothing_to_fold)
+def apply_linear(model: nn.Module, anatomy, config: LinearConfig) -> None:
+    """Only the classifier trains; create_model unfreezes it."""
+
+
+@dataclass
+class BitFitConfig:
+    pass
+
+
+@register_method("bitfit", BitFitConfig, "every bias term (BitFit)", merge=_nothing_to_fold)
+def apply_bitfit(model: nn.Module, anatomy, config: BitFitConfig) -> None:
+    for _, module in body_named_modules(model, anatomy):
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            bias.requires_grad_(True)
+
+
+@dataclass
+class NormConfig:
+    pass
+
+
+@register_method("norm", NormConfig, "affine weights of every normalisation layer", merge=_nothing_to_fold)
+def apply_norm(model: nn.Module, anatomy, config: NormConfig) -> None:
+    for _, module in body_named_modules(model, anatomy):
+        if isinstance(module, NORM_TYPES):
+            unfreeze(module)
+
+
+@dataclass
+class PartialConfig:
+    k: int = 1
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise MethodOptionError(f"partial: k must be at least 1, got {self.k}")
+
+
+@register_method("partial", PartialConfig, "the last k blocks and the final norm", merge=_nothing_to_fold)
+def apply_partial(model: nn.Module, anatomy, config: PartialConfig) -> None:
+    if config.k > len(anatomy.blocks):
+        raise MethodOptionError(f"partial: k={config.k} but the backbone has only {len(anatomy.blocks)} blocks")
+    for block in anatomy.last_blocks(config.k):
+        unfreeze(get_module(model, block.name))
+    for name in anatomy.final:
+        unfreeze(get_module(model, name))
+    first_trained = len(anatomy.blocks) - config.k
+    for stage in anatomy.stages:
+        if stage.downsample and stage.blocks[0] >= first_trained:
+            unfreeze(get_module(model, stage.downsample))
