@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from .errors import AdapterFileError, ArtifactExistsError, DeltaVisionError
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, fsync, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +37,7 @@ def _atomic_write(path: Path, write) -> None:
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors, atomically."""
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(clean, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(clean, tmp, metadata=metadata))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -53,7 +53,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def save_json(data: dict[str, Any], path: Path) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def load_json(path: Path) -> dict[str, Any]:

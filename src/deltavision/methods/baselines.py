@@ -29,7 +29,7 @@ class FullConfig:
     pass
 
 
-@register_method("full", FullConfig, "every weight of the backbone and the head", merge=_nothing_to_fold)
+@register_method("full", FullConfig, "every weight of the backbone and the head", merge=_nothing_to_fold, default_lr=1e-3)
 def apply_full(model: nn.Module, anatomy, config: FullConfig) -> None:
     unfreeze(model)
 
@@ -78,7 +78,9 @@ class PartialConfig:
             raise MethodOptionError(f"partial: k must be at least 1, got {self.k}")
 
 
-@register_method("partial", PartialConfig, "the last k blocks and the final norm", merge=_nothing_to_fold)
+@register_method(
+    "partial", PartialConfig, "the last k blocks and the final norm", merge=_nothing_to_fold, default_lr=1e-3
+)
 def apply_partial(model: nn.Module, anatomy, config: PartialConfig) -> None:
     if config.k > len(anatomy.blocks):
         raise MethodOptionError(f"partial: k={config.k} but the backbone has only {len(anatomy.blocks)} blocks")

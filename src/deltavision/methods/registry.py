@@ -25,6 +25,7 @@ class MethodSpec:
     merge: Callable[[nn.Module, Any], None] | None
     summary: str
     families: frozenset[str] | None  # None: every family
+    default_lr: float = 1e-2  # AdamW step that suits the method under the default budget
 
     @property
     def folds(self) -> bool:
@@ -34,12 +35,12 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, config_cls: type, summary: str, merge=None, families=None):
+def register_method(name: str, config_cls: type, summary: str, merge=None, families=None, default_lr=1e-2):
     """Decorator for a method's ``apply(model, anatomy, config)``."""
 
     def wrap(apply):
         _METHODS[name] = MethodSpec(
-            name, config_cls, apply, merge, summary, frozenset(families) if families else None
+            name, config_cls, apply, merge, summary, frozenset(families) if families else None, default_lr
         )
         return apply
 

@@ -1,0 +1,216 @@
+"""The ``deltavision`` command line.
+
+User errors (unknown backbone or method, bad option, unreadable data, an
+adapter for another model, an existing output) print one ``error:`` line and
+exit with status 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import DeltaVisionError
+
+app = typer.Typer(
+    help=(
+        "Adapt pretrained vision backbones cheaply. Start with `deltavision compare`, which fine-tunes "
+        "the embedded EfficientNet-Lite0 (real ImageNet weights) on Fashion-MNIST with every method."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+BACKBONE_HELP = "timm model name, e.g. vit_base_patch16_224, swin_tiny_patch4_window7_224, tf_efficientnet_lite0."
+OPT_HELP = "Method option as key=value (repeatable), e.g. --opt k=2 for partial."
+CHECKPOINT_HELP = "Local backbone weights (.safetensors/.pth) instead of the hub; needed offline."
+DATA_HELP = "An image folder (train/ and val/ subfolders, or class folders to split) or fashion-mnist, mnist5k, digits."
+
+
+def _options(pairs: Optional[List[str]]) -> dict:
+    from .methods.registry import parse_option_pairs
+
+    return parse_option_pairs(pairs or [])
+
+
+@app.command()
+def methods() -> None:
+    """List the tuning methods and what each trains."""
+    from .methods import get_method, list_methods
+
+    table = Table("method", "trains", "merges into backbone")
+    for name in list_methods():
+        spec = get_method(name)
+        table.add_row(name, spec.summary, "yes" if spec.folds else "no")
+    console.print(table)
+
+
+@app.command()
+def params(
+    backbone: str = typer.Option(..., help=BACKBONE_HELP),
+    method: str = typer.Option(..., help="Tuning method (see `deltavision methods`)."),
+    num_classes: int = typer.Option(..., min=1, help="Classes of the new head."),
+    opt: Optional[List[str]] = typer.Option(None, help=OPT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Count trainable and total parameters (builds the model with random weights; no download)."""
+    from .model import count_parameters, create_model
+
+    model = create_model(backbone, method, num_classes, pretrained=False, **_options(opt))
+    counts = count_parameters(model)
+    counts["trainable_pct"] = round(100.0 * counts["trainable"] / counts["total"], 4)
+    if as_json:
+        print(json.dumps({"backbone": backbone, "method": method, "num_classes": num_classes, **counts}))
+    else:
+        console.print(
+            f"{backbone} + {method}: {counts['trainable']:,} trainable of {counts['total']:,} "
+            f"parameters ({counts['trainable_pct']:.3f}%)"
+        )
+
+
+@app.command()
+def train(
+    data: str = typer.Option(..., help=DATA_HELP),
+    backbone: str = typer.Option("tf_efficientnet_lite0", help=BACKBONE_HELP),
+    method: str = typer.Option("ssf", help="Tuning method (see `deltavision methods`)."),
+    opt: Optional[List[str]] = typer.Option(None, help=OPT_HELP),
+    out: Path = typer.Option(Path("runs/train"), help="Run folder: log.csv, curves.png, checkpoint, adapter/."),
+    epochs: int = typer.Option(3, min=1),
+    batch_size: int = typer.Option(32, min=1),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate [default: the method's]."),
+    weight_decay: float = typer.Option(0.05, min=0.0),
+    warmup_epochs: float = typer.Option(0.5, min=0.0),
+    label_smoothing: float = typer.Option(0.1, min=0.0, max=0.99),
+    image_size: Optional[int] = typer.Option(None, min=8, help="Input size [default: the backbone's]."),
+    val_fraction: float = typer.Option(0.2, help="Share of each class held out when the data has no val split."),
+    train_limit: Optional[int] = typer.Option(None, min=1, help="Use at most this many training images."),
+    val_limit: Optional[int] = typer.Option(None, min=1, help="Use at most this many validation images."),
+    augment: bool = typer.Option(True, help="Random resized crops (and flips where they make sense)."),
+    pretrained: bool = typer.Option(True, help="Start from pretrained weights (hub or --checkpoint)."),
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    resume: bool = typer.Option(False, help="Continue the run in --out after its last finished epoch."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Fine-tune a backbone on an image dataset; writes a log, a plot, checkpoints and the adapter."""
+    from .methods import get_method
+    from .train import RunConfig, TrainConfig, run_training
+
+    config = RunConfig(
+        backbone=backbone, method=method, data=data, out_dir=str(out), options=_options(opt),
+        image_size=image_size, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit,
+        pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None, augment=augment,
+        resume=resume, overwrite=overwrite,
+        train=TrainConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr or get_method(method).default_lr,
+            weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed,
+        ),
+    )
+    summary = run_training(config)
+    console.print(
+        f"[bold]{method}[/] on {backbone}: top-1 {summary['top1']:.2f}%, top-5 {summary['top5']:.2f}%, "
+        f"{summary['trainable']:,} trainable parameters; adapter in {out / 'adapter'}"
+    )
+
+
+@app.command("eval")
+def evaluate_adapter(
+    adapter: Path = typer.Argument(..., help="Adapter folder written by `deltavision train`."),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP + " [default: the training data]"),
+    batch_size: int = typer.Option(64, min=1),
+    val_limit: Optional[int] = typer.Option(None, min=1),
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Top-1/top-5 of a trained adapter on a dataset's validation split."""
+    from .inference import evaluate_saved_adapter
+
+    metrics = evaluate_saved_adapter(adapter, data, batch_size, val_limit, checkpoint, pretrained)
+    if as_json:
+        print(json.dumps(metrics))
+    else:
+        console.print(f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on {metrics['images']} images")
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Argument(..., help="Adapter folder of a method that folds (ssf and the baselines)."),
+    out: Path = typer.Option(..., help="Output .safetensors file of the plain timm model."),
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Fold an adapter into its backbone: a plain timm state dict, loadable without deltavision."""
+    from .inference import merge_saved_adapter
+
+    snippet = merge_saved_adapter(adapter, out, checkpoint, pretrained, overwrite)
+    console.print(f"wrote {out}; load it with plain timm:\n  {snippet}")
+
+
+@app.command("compare")
+def compare_methods(
+    data: str = typer.Option("fashion-mnist", help=DATA_HELP),
+    backbone: str = typer.Option("tf_efficientnet_lite0", help=BACKBONE_HELP),
+    method: Optional[List[str]] = typer.Option(None, help="Methods to compare (repeatable) [default: all]."),
+    out: Path = typer.Option(Path("runs/compare"), help="Folder for runs, compare.md/.csv and the plot."),
+    epochs: int = typer.Option(3, min=1),
+    batch_size: int = typer.Option(32, min=1),
+    image_size: int = typer.Option(64, min=8),
+    train_limit: int = typer.Option(2000, min=1),
+    val_limit: int = typer.Option(1000, min=1),
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    pretrained: bool = typer.Option(True),
+    overwrite: bool = typer.Option(False, help="Retrain methods already finished in --out."),
+    seed: int = typer.Option(0),
+) -> None:
+    """The main job: fine-tune one backbone with every method; print a table and save a plot.
+
+    With no arguments: real pretrained EfficientNet-Lite0 on real Fashion-MNIST (about 10 minutes on 2 cores).
+    """
+    from .compare import CompareConfig, compare, markdown_table
+    from .train import TrainConfig
+
+    config = CompareConfig(
+        backbone=backbone, data=data, methods=tuple(method or ()), out_dir=str(out), image_size=image_size,
+        train_limit=train_limit, val_limit=val_limit, pretrained=pretrained,
+        checkpoint=str(checkpoint) if checkpoint else None, overwrite=overwrite,
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed),
+    )
+
+    def report(row):
+        console.print(f"  {row['method']}: top-1 {row['top1']:.2f}% in {row['train_seconds']:.0f}s")
+
+    rows = compare(config, on_result=report)
+    table = Table("method", "trainable", "trainable %", "top-1 %", "top-5 %", "train s", "peak MB",
+                  title=f"{backbone} on {data}")
+    for r in rows:
+        table.add_row(r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.2f}", f"{r['top1']:.2f}",
+                      f"{r['top5']:.2f}", f"{r['train_seconds']:.1f}", f"{r['peak_memory_mb']:.0f}")
+    console.print(table)
+    console.print(f"table: {out / 'compare.md'}, plot: {out / 'accuracy_vs_params.png'}")
+
+
+def main() -> None:
+    try:
+        app()
+    except DeltaVisionError as err:
+        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; `--resume` continues a training run from its last epoch")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Datasets for fine-tuning: image folders and bundled sets (Fashion-MNIST, mnist5k, digits)."""
+
+from deltavision.data.build import DatasetSplits, build_datasets
+from deltavision.data.bundled import BUNDLED_DATASETS, FASHION_MNIST_CLASSES
+from deltavision.data.datasets import ArrayImageDataset, ImageFileDataset
+from deltavision.data.folder import scan_image_folder, write_image_folder
+from deltavision.data.images import IMAGE_EXTENSIONS, load_rgb_image, to_rgb
+from deltavision.data.sampling import stratified_split, stratified_subset
+from deltavision.data.transforms import make_transforms
+
+__all__ = [
+    "BUNDLED_DATASETS",
+    "FASHION_MNIST_CLASSES",
+    "IMAGE_EXTENSIONS",
+    "ArrayImageDataset",
+    "DatasetSplits",
+    "ImageFileDataset",
+    "build_datasets",
+    "load_rgb_image",
+    "make_transforms",
+    "scan_image_folder",
+    "stratified_split",
+    "stratified_subset",
+    "to_rgb",
+    "write_image_folder",
+]

@@ -1,0 +1,147 @@
+"""``build_datasets``: train/val torch datasets from an image folder or a bundled dataset name."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from deltavision.data.bundled import BUNDLED_LOADERS, bundled_name
+from deltavision.data.datasets import ArrayImageDataset, ImageFileDataset
+from deltavision.data.folder import check_image_files, scan_image_folder
+from deltavision.data.sampling import stratified_split, stratified_subset
+from deltavision.data.transforms import make_transforms
+from deltavision.errors import DataError
+
+# Distinct seed streams, so that splitting and each limit draw independent samples.
+SPLIT_STREAM, TRAIN_LIMIT_STREAM, VAL_LIMIT_STREAM = 0, 1, 2
+
+
+@dataclass
+class DatasetSplits:
+    """Train and val datasets yielding ``(CxHxW float tensor, int label)``, and the class names."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the labels index into."""
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The build_datasets arguments that shape splits and transforms."""
+
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    val_fraction: float
+    train_limit: int | None
+    val_limit: int | None
+    augment: bool
+    seed: int
+
+    def transforms(self, flip: bool):
+        """``(train_tf, eval_tf)`` for these options."""
+        return make_transforms(self.image_size, self.mean, self.std, self.augment, flip=flip)
+
+    def split_indices(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stratified ``(train, val)`` indices of one labelled pool."""
+        return stratified_split(labels, self.val_fraction, seed=(self.seed, SPLIT_STREAM))
+
+
+Pool = ArrayImageDataset | ImageFileDataset
+
+
+@dataclass(frozen=True)
+class _Part:
+    """The samples ``indices`` of an untransformed dataset ``pool``."""
+
+    pool: Pool
+    indices: np.ndarray
+
+    @classmethod
+    def whole(cls, pool: Pool) -> "_Part":
+        """Every sample of ``pool``."""
+        return cls(pool, np.arange(len(pool)))
+
+    def limited(self, limit: int | None, seed: tuple[int, int]) -> "_Part":
+        """A seeded class-stratified subset of at most ``limit`` of these samples."""
+        keep = stratified_subset(self.pool.labels[self.indices], limit, seed)
+        return _Part(self.pool, self.indices[keep])
+
+
+def _split_part(pool: Pool, options: _Options) -> tuple[_Part, _Part]:
+    """``(train, val)`` parts of one pool, stratified by ``options.val_fraction``."""
+    train_indices, val_indices = options.split_indices(pool.labels)
+    return _Part(pool, train_indices), _Part(pool, val_indices)
+
+
+def _finish(source: str | Path, classes: list[str], train: _Part, val: _Part, options: _Options, flip: bool) -> DatasetSplits:
+    """Apply the limits and transforms to the train/val parts; DataError if either ends up empty."""
+    train = train.limited(options.train_limit, (options.seed, TRAIN_LIMIT_STREAM))
+    val = val.limited(options.val_limit, (options.seed, VAL_LIMIT_STREAM))
+    for name, part in (("train", train), ("val", val)):
+        if len(part.indices) == 0:
+            raise DataError(f"Dataset {source} has an empty {name} split; add images or change val_fraction/limits.")
+    train_tf, eval_tf = options.transforms(flip)
+    return DatasetSplits(train.pool.subset(train.indices, train_tf), val.pool.subset(val.indices, eval_tf), classes)
+
+
+def _bundled_splits(name: str, options: _Options) -> DatasetSplits:
+    """Splits of a bundled dataset: its official val split if it has one, else a stratified split."""
+    data = BUNDLED_LOADERS[name]()
+    pool = ArrayImageDataset(data.images, data.labels)
+    if data.val_images is None:
+        train, val = _split_part(pool, options)
+    else:
+        train, val = _Part.whole(pool), _Part.whole(ArrayImageDataset(data.val_images, data.val_labels))
+    return _finish(name, list(data.classes), train, val, options, data.flip)
+
+
+def _folder_splits(source: str | Path, options: _Options) -> DatasetSplits:
+    """Splits of an image folder (train/ + val/ layout, or class folders split by val_fraction).
+
+    Only the files that end up in the splits are verified, so limits keep the check cheap.
+    """
+    train_files, val_files = scan_image_folder(source)
+    pool = ImageFileDataset(train_files.paths, train_files.labels)
+    if val_files is None:
+        train, val = _split_part(pool, options)
+    else:
+        train, val = _Part.whole(pool), _Part.whole(ImageFileDataset(val_files.paths, val_files.labels))
+    splits = _finish(source, list(train_files.classes), train, val, options, flip=True)
+    check_image_files([*splits.train.paths, *splits.val.paths])
+    return splits
+
+
+def build_datasets(
+    source: str | Path,
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    val_fraction: float = 0.2,
+    train_limit: int | None = None,
+    val_limit: int | None = None,
+    augment: bool = True,
+    seed: int = 0,
+) -> DatasetSplits:
+    """Build train/val datasets from an image folder path or a bundled dataset name.
+
+    Bundled names (``fashion-mnist``, ``mnist5k``, ``digits``) take precedence over a folder of
+    the same name; write ``./digits`` (or pass a Path) to mean the folder. Items are ``(tensor, label)``: RGB (grey
+    replicated), resized to ``image_size`` and normalised with ``mean``/``std``. Without an
+    official or ``train/``+``val/`` split, ``val_fraction`` of each class goes to val (seeded).
+    ``train_limit``/``val_limit`` keep a seeded class-stratified subset. Folder images are
+    verified up front; any user data problem raises :class:`~deltavision.errors.DataError`.
+    """
+    options = _Options(image_size, mean, std, val_fraction, train_limit, val_limit, augment, seed)
+    name = bundled_name(source) if isinstance(source, str) else None
+    if name is not None:
+        return _bundled_splits(name, options)
+    return _folder_splits(source, options)

@@ -1,0 +1,48 @@
+"""Using saved adapters: evaluate them and fold them into plain timm weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from .data import build_datasets
+from .errors import AdapterFileError, DataError
+from .io import refuse_overwrite, save_tensors
+from .model import load_adapter, merge, read_adapter_config
+from .train.loop import evaluate
+
+
+def evaluate_saved_adapter(
+    adapter: Path, data: str | None, batch_size: int, val_limit: int | None, checkpoint, pretrained: bool
+) -> dict[str, Any]:
+    config = read_adapter_config(adapter)
+    data_cfg = config.get("data")
+    source = data or config.get("source")
+    if not data_cfg or not source:
+        raise AdapterFileError(f"{adapter} has no data settings; pass --data and train it with `deltavision train`")
+    splits = build_datasets(
+        source, image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"],
+        val_limit=val_limit, augment=False,
+    )
+    if len(splits.classes) != config["num_classes"]:
+        raise DataError(
+            f"{source} has {len(splits.classes)} classes but the adapter was trained for {config['num_classes']}"
+        )
+    model = load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint)
+    metrics = evaluate(model, DataLoader(splits.val, batch_size=batch_size), progress=True)
+    return {**metrics, "images": len(splits.val)}
+
+
+def merge_saved_adapter(adapter: Path, out: Path, checkpoint, pretrained: bool, overwrite: bool) -> str:
+    """Write the folded model's full state dict; return the timm call that loads it."""
+    refuse_overwrite(out, overwrite)
+    config = read_adapter_config(adapter)
+    plain = merge(load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint))
+    save_tensors(plain.state_dict(), out, metadata={"format": "pt"})
+    options = "".join(f", {k}={v!r}" for k, v in (config.get("backbone_options") or {}).items())
+    return (
+        f"timm.create_model({config['backbone']!r}, num_classes={config['num_classes']}{options}, "
+        f"pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}))"
+    )

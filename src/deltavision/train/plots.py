@@ -1,0 +1,45 @@
+"""PNG plots of training runs and method comparisons (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Loss (train and val) and top-1/top-5 accuracy per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [r["top1"] for r in history], "o-", label="top-1")
+    ax_acc.plot(epochs, [r["top5"] for r in history], "o-", label="top-5")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
+    ax_acc.legend()
+    _save(fig, path)
+
+
+def plot_accuracy_vs_params(rows: list[dict], path: Path, title: str) -> None:
+    """Top-1 against trainable parameters (log scale), one labelled point per method."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for row in rows:
+        ax.scatter(row["trainable"], row["top1"], s=40)
+        ax.annotate(row["method"], (row["trainable"], row["top1"]), textcoords="offset points", xytext=(5, 4))
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters (log scale)", ylabel="validation top-1 (%)", title=title)
+    ax.grid(True, alpha=0.3)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    from ..io import atomic_write
+
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
