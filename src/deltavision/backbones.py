@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import sys
 from pathlib import Path
 from typing import Any
 
 import timm
+import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import UnknownBackboneError, WeightsUnavailableError
@@ -56,18 +59,58 @@ def create_backbone(
 
 
 def _from_file(name: str, num_classes: int, path: Path, options: dict) -> nn.Module:
+    """Build ``name`` and load a local state dict strictly (the classifier may differ in size)."""
     if not path.is_file():
         raise WeightsUnavailableError(f"checkpoint {path} does not exist")
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **options)
+    state = _read_state_dict(path)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception as err:  # the file is not a checkpoint of this family
+            raise WeightsUnavailableError(f"checkpoint {path} does not fit backbone {name!r}: {_first_line(err)}") from err
+    _load_strictly_but_head(model, state, path, name)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict:
     try:
-        return timm.create_model(
-            name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": str(path)}, **options
-        )
-    except (RuntimeError, ValueError, KeyError, OSError) as err:
-        raise WeightsUnavailableError(
-            f"checkpoint {path} does not fit backbone {name!r}: {_first_line(err)}"
-        ) from err
-    except Exception as err:  # unpickling errors and the like from a non-checkpoint file
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, not a checkpoint, or pickled code refused
         raise WeightsUnavailableError(f"checkpoint {path} could not be read: {_first_line(err)}") from err
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"checkpoint {path} does not hold a state dict")
+    return state
+
+
+def _load_strictly_but_head(model: nn.Module, state: dict, path: Path, name: str) -> None:
+    """Every backbone tensor must be in the file with its shape; the head loads only if it fits."""
+    own = model.state_dict()
+    head_keys = {k for k in own if _is_classifier_key(model, k)}
+    state = {k: v for k, v in state.items() if not (_is_classifier_key(model, k) and k in own and v.shape != own[k].shape)}
+    state = {k: v for k, v in state.items() if not (_is_classifier_key(model, k) and k not in own)}
+    mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state) - head_keys)
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected or mismatched:
+        raise WeightsUnavailableError(
+            f"checkpoint {path} does not fit backbone {name!r}: {len(missing)} tensors missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+            f"{len(mismatched)} of another shape (e.g. {mismatched[:2]})"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _is_classifier_key(model: nn.Module, key: str) -> bool:
+    classifiers = model.pretrained_cfg.get("classifier", "head")
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    return any(key.startswith(c + ".") for c in classifiers)
 
 
 def _first_line(err: BaseException) -> str:

@@ -155,7 +155,7 @@ def merge(
     from .inference import merge_saved_adapter
 
     snippet = merge_saved_adapter(adapter, out, checkpoint, pretrained, overwrite)
-    console.print(f"wrote {out}; load it with plain timm:\n  {snippet}")
+    console.print(f"wrote {out}; load it with plain timm:\n  {snippet}", soft_wrap=True, highlight=False)
 
 
 @app.command("compare")
@@ -169,6 +169,7 @@ def compare_methods(
     image_size: int = typer.Option(64, min=8),
     train_limit: int = typer.Option(2000, min=1),
     val_limit: int = typer.Option(1000, min=1),
+    augment: bool = typer.Option(False, help="Random resized crops and flips while training."),
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
     pretrained: bool = typer.Option(True),
     overwrite: bool = typer.Option(False, help="Retrain methods already finished in --out."),
@@ -183,7 +184,7 @@ def compare_methods(
 
     config = CompareConfig(
         backbone=backbone, data=data, methods=tuple(method or ()), out_dir=str(out), image_size=image_size,
-        train_limit=train_limit, val_limit=val_limit, pretrained=pretrained,
+        train_limit=train_limit, val_limit=val_limit, augment=augment, pretrained=pretrained,
         checkpoint=str(checkpoint) if checkpoint else None, overwrite=overwrite,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed),
     )

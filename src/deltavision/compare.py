@@ -35,6 +35,7 @@ class CompareConfig:
     image_size: int | None = 64
     train_limit: int | None = 2000
     val_limit: int | None = 1000
+    augment: bool = False  # a 3-epoch budget on small images learns faster without it
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     lr: dict[str, float] = field(default_factory=dict)
@@ -83,6 +84,7 @@ def _run_config(config: CompareConfig, method: str, run_dir: Path) -> RunConfig:
         image_size=config.image_size,
         train_limit=config.train_limit,
         val_limit=config.val_limit,
+        augment=config.augment,
         pretrained=config.pretrained,
         checkpoint=config.checkpoint,
         overwrite=True,

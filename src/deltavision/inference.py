@@ -44,5 +44,5 @@ def merge_saved_adapter(adapter: Path, out: Path, checkpoint, pretrained: bool, 
     options = "".join(f", {k}={v!r}" for k, v in (config.get("backbone_options") or {}).items())
     return (
         f"timm.create_model({config['backbone']!r}, num_classes={config['num_classes']}{options}, "
-        f"pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}))"
+        f"pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={config['num_classes']}))"
     )

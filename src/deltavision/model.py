@@ -53,10 +53,19 @@ def create_model(
     model carries its :class:`ModelSpec` as ``model.deltavision``.
     """
     spec = get_method(method)
-    config = make_config(spec, method_options)
+    make_config(spec, method_options)  # a bad option fails before any weights load
     model = create_backbone(
         backbone, num_classes, pretrained=pretrained, checkpoint=checkpoint, options=backbone_options
     )
+    return adapt(model, backbone, method, backbone_options, **method_options)
+
+
+def adapt(
+    model: nn.Module, backbone: str, method: str, backbone_options: dict[str, Any] | None = None, **method_options
+) -> nn.Module:
+    """Apply ``method`` to a built timm ``model`` in place: freeze it, add the method, free the classifier."""
+    spec = get_method(method)
+    config = make_config(spec, method_options)
     anatomy = _anatomy_for(model, method, backbone)
     if spec.families is not None and anatomy.family not in spec.families:
         raise IncompatibleMethodError(
@@ -65,6 +74,7 @@ def create_model(
     model.requires_grad_(False)
     spec.apply(model, anatomy, config)
     unfreeze(get_module(model, anatomy.classifier))
+    num_classes = model.num_classes
     model.deltavision = ModelSpec(
         backbone, method, num_classes, dataclasses.asdict(config), dict(backbone_options or {})
     )
@@ -105,6 +115,11 @@ def merge(model: nn.Module) -> nn.Module:
     """
     spec = spec_of(model)
     method = get_method(spec.method)
+    if getattr(model, "deltavision_shared_backbone", False):
+        raise IncompatibleMethodError(
+            "this task shares its backbone with other tasks, and merging would change them all; "
+            "load its adapter on its own with load_adapter, then merge"
+        )
     if not method.folds:
         raise IncompatibleMethodError(
             f"method {spec.method!r} adds modules that cannot be folded into the backbone; "
@@ -171,6 +186,8 @@ def load_adapter(
     """
     config = read_adapter_config(directory)
     if model is None:
+        if not pretrained and checkpoint is None and "seed" in config:
+            torch.manual_seed(config["seed"])  # rebuild the random-init backbone it was trained on
         model = create_model(
             config["backbone"],
             config["method"],

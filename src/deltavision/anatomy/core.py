@@ -24,6 +24,11 @@ class Block:
     width: int
     branches: dict[str, tuple[str, ...]]
 
+    @property
+    def has_skip(self) -> bool:
+        """Input and output share shape and are summed (an EfficientNet "plain" block is not)."""
+        return self.kind != "plain"
+
 
 @dataclass(frozen=True)
 class Stage:

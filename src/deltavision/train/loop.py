@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,11 +100,14 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
     if resume and checkpoint.exists():
         state = load_checkpoint(checkpoint, model, optimizer)
         start_epoch, result.history, result.train_seconds = state["epoch"], state["history"], state["train_seconds"]
-        for _ in range(start_epoch * steps_per_epoch):
-            schedule.step()
+        with warnings.catch_warnings():  # fast-forwarding the schedule, not skipping a step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start_epoch * steps_per_epoch):
+                schedule.step()
 
     for epoch in range(start_epoch, config.epochs):
-        generator.manual_seed(config.seed + epoch)  # same batches whether resumed or not
+        generator.manual_seed(config.seed + epoch)  # same batches and augmentations, resumed or not
+        torch.manual_seed(config.seed + epoch)
         started = time.perf_counter()
         train_loss = _train_one_epoch(model, train_loader, optimizer, schedule, criterion, epoch, config)
         result.train_seconds += time.perf_counter() - started

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from timm.data import resolve_data_config
 
 from ..data import build_datasets
@@ -62,13 +63,14 @@ def run_training(config: RunConfig) -> dict[str, Any]:
         augment=config.augment,
         seed=config.train.seed,
     )
+    torch.manual_seed(config.train.seed)  # the same seed rebuilds the same head, adapter and random backbone
     model = create_model(
         config.backbone, config.method, len(splits.classes), pretrained=config.pretrained,
         checkpoint=config.checkpoint, backbone_options=config.backbone_options or None, **config.options,
     )
     rss_before = peak_rss_bytes()
     result = train(model, splits.train, splits.val, config.train, out_dir, resume=config.resume)
-    extra = {"classes": splits.classes, "data": data_cfg, "source": config.data}
+    extra = {"classes": splits.classes, "data": data_cfg, "source": config.data, "seed": config.train.seed}
     save_adapter(model, out_dir / ADAPTER_DIR, extra=extra)
     return {
         "backbone": config.backbone,

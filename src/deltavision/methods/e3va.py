@@ -1,0 +1,206 @@
+"""E3VA: parameter-, memory- and time-efficient visual adapter (Yin et al., MM 2024, Sec. 3).
+
+A trainable "gradient highway" runs beside the frozen backbone (Sec. 3.2,
+Fig. 2). The backbone runs without autograd; its branch outputs feed parallel
+adapters whose outputs are summed along the highway:
+
+    e_0 = embedding output (a copy),   e_{i+1} = e_i + A1(a_i) + A2(m_i)
+
+with a_i and m_i block i's attention- and MLP-branch outputs. Each adapter is
+A(x) = x + U(GELU(D(x))) with middle width half the input width, and U and D
+are Dual Low-Rank Branches (Sec. 3.3): W = s1 t1 + s2 t2, rank alpha = 8, 16
+or 32 (E3VA, E3VA+, E3VA++), i.e. 2 alpha (m + n) weights plus a bias per
+projection. U starts at zero, so the untrained highway reproduces the
+backbone (e_i = l_i for every block). At stage boundaries the highway passes
+through frozen copies of the backbone's downsampling layers (Sec. 3.2,
+"Downsampling"); each stage output gets a trainable norm (multi-scale
+features, ``e3va_features``), and the classifier reads the last stage through
+the backbone's final norm, which becomes trainable.
+
+Families: ViT and Swin as in the paper; ConvNeXt (one adapter per block, on
+its single residual branch); EfficientNet, whose resolution- or
+width-changing blocks have no skip, so the highway passes them through frozen
+copies, the analogue of Swin's inherited patch merging.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from torch import nn
+
+from ..anatomy.taps import transformer_branches
+from ..errors import MethodOptionError
+from .common import get_module, unfreeze
+from .registry import register_method
+
+
+@dataclass
+class E3VAConfig:
+    rank: int = 8
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise MethodOptionError(f"e3va: rank must be positive (8, 16 or 32 in the paper), got {self.rank}")
+
+
+class DualLowRankLinear(nn.Module):
+    """y = (s1 t1 + s2 t2) x + b with s_k (out x rank), t_k (rank x in)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, zero: bool = False):
+        super().__init__()
+        self.t = nn.ParameterList(nn.Parameter(torch.empty(rank, in_features)) for _ in range(2))
+        self.s = nn.ParameterList(nn.Parameter(torch.empty(out_features, rank)) for _ in range(2))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        for t, s in zip(self.t, self.s):
+            nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+            if zero:
+                nn.init.zeros_(s)
+            else:
+                nn.init.kaiming_uniform_(s, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(F.linear(F.linear(x, t), s) for t, s in zip(self.t, self.s)) + self.bias
+
+
+class E3VAAdapter(nn.Module):
+    """x + U(GELU(D(x))) on the channel axis (``channel_dim`` 1 for NCHW, -1 otherwise)."""
+
+    def __init__(self, channels: int, rank: int, channel_dim: int = -1):
+        super().__init__()
+        middle = max(1, channels // 2)
+        self.down = DualLowRankLinear(channels, middle, rank)
+        self.up = DualLowRankLinear(middle, channels, rank, zero=True)
+        self.channel_dim = channel_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.movedim(1, -1) if self.channel_dim == 1 else x
+        h = h + self.up(F.gelu(self.down(h)))
+        return h.movedim(-1, 1) if self.channel_dim == 1 else h
+
+
+def _stage_norm(channels: int, layout: str) -> nn.Module:
+    return LayerNorm2d(channels) if layout == "nchw" else nn.LayerNorm(channels)
+
+
+class Highway(nn.Module):
+    """The trainable side of E3VA: adapters per block branch, frozen downsample copies, stage norms."""
+
+    def __init__(self, model: nn.Module, anatomy, rank: int):
+        super().__init__()
+        channel_dim = 1 if anatomy.layout == "nchw" else -1
+        self.adapters = nn.ModuleList()
+        self.passes = nn.ModuleDict()  # frozen copies the highway goes through
+        for i, info in enumerate(anatomy.blocks):
+            branches = ("attn", "mlp") if info.kind == "transformer" else ("main",)
+            self.adapters.append(
+                nn.ModuleList(E3VAAdapter(info.width, rank, channel_dim) for _ in branches)
+                if info.has_skip else nn.ModuleList()
+            )
+            if not info.has_skip:
+                self.passes[str(i)] = _frozen_copy(get_module(model, info.name))
+        for stage in anatomy.stages:
+            if stage.downsample:
+                self.passes[f"down{stage.index}"] = _frozen_copy(get_module(model, stage.downsample))
+        self.stage_norms = nn.ModuleList(_stage_norm(s.width, anatomy.layout) for s in anatomy.stages)
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).requires_grad_(False)
+
+
+def _embed(model: nn.Module, family: str, x: torch.Tensor) -> torch.Tensor:
+    if family == "vit":
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    if family == "swin":
+        return model.patch_embed(x)
+    if family == "convnext":
+        return model.stem(x)
+    return model.bn1(model.conv_stem(x))
+
+
+def _block_step(model, info, highway, index, l, e):
+    """Run block ``index`` of the backbone without autograd and advance the highway."""
+    block = get_module(model, info.name)
+    with torch.no_grad():
+        if info.kind == "transformer":
+            branches = transformer_branches(block, model.dv_e3va_family)
+            a = branches["attn"](l)
+            l = l + a
+            m = branches["mlp"](l)
+            l, outputs = l + m, (a, m)
+        else:
+            out = block(l)
+            outputs = (out - l,) if info.has_skip else ()
+            l = out
+    if info.has_skip:
+        e = e + sum(adapter(o) for adapter, o in zip(highway.adapters[index], outputs))
+    else:
+        e = highway.passes[str(index)](e)
+    return l, e
+
+
+def e3va_stage_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Highway state at the end of every stage (before the stage norms)."""
+    anatomy, highway = model.dv_e3va_anatomy, model.dv_e3va
+    with torch.no_grad():
+        l = _embed(model, anatomy.family, x)
+    e, outputs = l.clone(), []
+    for stage in anatomy.stages:
+        if stage.downsample:
+            with torch.no_grad():
+                l = get_module(model, stage.downsample)(l)
+            e = highway.passes[f"down{stage.index}"](e)
+        for index in stage.blocks:
+            l, e = _block_step(model, anatomy.blocks[index], highway, index, l, e)
+        outputs.append(e)
+    return outputs
+
+
+def e3va_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Multi-scale highway features, one per stage after its trainable norm (like ``features_only``).
+
+    ViT gives one map of patch tokens (prefix tokens dropped) as B x C x H x W;
+    Swin's NHWC maps are returned as NCHW too.
+    """
+    anatomy = model.dv_e3va_anatomy
+    feats = []
+    for norm, e in zip(model.dv_e3va.stage_norms, e3va_stage_outputs(model, x)):
+        f = norm(e)
+        if anatomy.family == "vit":
+            f = f[:, model.num_prefix_tokens :]
+            h, w = model.patch_embed.dynamic_feat_size(x.shape[-2:])
+            f = f.transpose(1, 2).reshape(f.shape[0], -1, h, w)
+        elif anatomy.layout == "nhwc":
+            f = f.permute(0, 3, 1, 2)
+        feats.append(f)
+    return feats
+
+
+def _e3va_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Classification: the last stage of the highway through the backbone's (now trainable) final layers."""
+    e = e3va_stage_outputs(self, x)[-1]
+    family = self.dv_e3va_anatomy.family
+    if family in ("vit", "swin"):
+        return self.forward_head(self.norm(e))
+    if family == "convnext":
+        return self.forward_head(self.norm_pre(e))
+    return self.forward_head(self.bn2(self.conv_head(e)))
+
+
+@register_method("e3va", E3VAConfig, "gradient highway of dual low-rank adapters beside the frozen backbone (E3VA)")
+def apply_e3va(model: nn.Module, anatomy, config: E3VAConfig) -> None:
+    model.dv_e3va = Highway(model, anatomy, config.rank)
+    object.__setattr__(model, "dv_e3va_anatomy", anatomy)
+    object.__setattr__(model, "dv_e3va_family", anatomy.family)
+    for name in anatomy.final:
+        for module in get_module(model, name).modules():
+            if isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+                unfreeze(module)
+    model.forward = types.MethodType(_e3va_forward, model)

@@ -1,0 +1,191 @@
+"""Training runs on real data: logs, plots, checkpoints, adapters, resuming and refusing to overwrite."""
+
+import csv
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import deltavision
+from deltavision.errors import AdapterFileError, ArtifactExistsError
+from deltavision.inference import evaluate_saved_adapter
+from deltavision.train import RunConfig, TrainConfig, run_training
+from deltavision.train import loop
+
+from conftest import TINY, file_snapshot
+
+VIT, VIT_OPTS = TINY["vit"]
+EPOCHS = 2
+
+
+def _config(data, out_dir, ckpt=None, **changes) -> RunConfig:
+    train = TrainConfig(epochs=changes.pop("epochs", EPOCHS), batch_size=16, lr=1e-2, progress=False, seed=3)
+    config = RunConfig(
+        backbone=VIT, method="ssf", data=str(data), out_dir=str(out_dir), image_size=32, pretrained=False,
+        checkpoint=str(ckpt) if ckpt else None, backbone_options=VIT_OPTS, train=train,
+    )
+    return replace(config, **changes)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, digits_folder, backbone_checkpoint):
+    """A finished 2-epoch SSF run of the tiny ViT on the real digits folder: (out dir, summary)."""
+    out = tmp_path_factory.mktemp("runs") / "finished"
+    summary = run_training(_config(digits_folder, out, backbone_checkpoint("vit")))
+    return out, summary
+
+
+def _read_log(out):
+    with open(out / loop.LOG, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_run_writes_log_plot_checkpoint_and_adapter(finished_run):
+    out, summary = finished_run
+    rows = _read_log(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        assert {"train_loss", "val_loss", "top1", "top5", "lr"} <= set(row)
+        top1, top5 = float(row["top1"]), float(row["top5"])
+        assert 0.0 <= top1 <= top5 <= 100.0
+        assert float(row["train_loss"]) > 0
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["classes"] == [str(d) for d in range(10)] and config["num_classes"] == 10
+    assert config["data"]["image_size"] == 32
+    with safe_open(str(out / loop.CHECKPOINT), framework="pt") as handle:
+        state = json.loads(handle.metadata()["state"])
+    assert state["epoch"] == EPOCHS and len(state["history"]) == EPOCHS
+    assert summary["epochs"] == EPOCHS
+    assert summary["top1"] == pytest.approx(float(rows[-1]["top1"]))
+    assert 0 < summary["trainable"] < summary["total"]
+
+
+def test_saved_adapter_evaluates_to_the_logged_accuracy(finished_run, backbone_checkpoint):
+    out, _ = finished_run
+    metrics = evaluate_saved_adapter(out / "adapter", None, 64, None, backbone_checkpoint("vit"), False)
+    last = _read_log(out)[-1]
+    assert metrics["images"] == 20
+    assert metrics["top1"] == pytest.approx(float(last["top1"]))
+    assert metrics["val_loss"] == pytest.approx(float(last["val_loss"]), rel=1e-5)
+
+
+def test_existing_run_is_not_overwritten(finished_run, digits_folder, backbone_checkpoint):
+    out, _ = finished_run
+    before = file_snapshot(out)
+    with pytest.raises(ArtifactExistsError, match="--resume"):
+        run_training(_config(digits_folder, out, backbone_checkpoint("vit")))
+    assert file_snapshot(out) == before
+
+
+def test_overwrite_starts_the_run_afresh(tmp_path, finished_run, digits_folder, backbone_checkpoint):
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run[0], out)
+    run_training(_config(digits_folder, out, backbone_checkpoint("vit"), overwrite=True, epochs=1))
+    assert [int(r["epoch"]) for r in _read_log(out)] == [1]
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+def _crash_in_epoch(monkeypatch, crash_epoch):
+    """Make the loop die at the start of 0-based ``crash_epoch``, as a killed process would."""
+    real = loop._train_one_epoch
+
+    def dying(model, loader, optimizer, schedule, criterion, epoch, config):
+        if epoch == crash_epoch:
+            raise SimulatedCrash(f"killed in epoch {epoch + 1}")
+        return real(model, loader, optimizer, schedule, criterion, epoch, config)
+
+    monkeypatch.setattr(loop, "_train_one_epoch", dying)
+
+
+def _run_seeded(config):
+    # run_training does not seed torch's global RNG itself (see test_same_seed_gives_the_same_adapter);
+    # seeding here gives every run the same initial head/SSF tensors, so the comparison isolates resuming.
+    torch.manual_seed(0)
+    return run_training(config)
+
+
+def _adapter(out):
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["no-augment", "augment"])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(augment, tmp_path, monkeypatch, digits_folder, backbone_checkpoint):
+    ckpt = backbone_checkpoint("vit")
+    _run_seeded(_config(digits_folder, tmp_path / "straight", ckpt, augment=augment))
+
+    crashed = tmp_path / "crashed"
+    with monkeypatch.context() as patch:
+        _crash_in_epoch(patch, crash_epoch=1)
+        with pytest.raises(SimulatedCrash):
+            _run_seeded(_config(digits_folder, crashed, ckpt, augment=augment))
+    assert (crashed / loop.CHECKPOINT).is_file() and not (crashed / "adapter").exists()
+    assert [int(r["epoch"]) for r in _read_log(crashed)] == [1]
+    _run_seeded(_config(digits_folder, crashed, ckpt, augment=augment, resume=True))
+
+    straight_log, resumed_log = _read_log(tmp_path / "straight"), _read_log(crashed)
+    assert [r["epoch"] for r in resumed_log] == ["1", "2"]
+    assert [float(r["lr"]) for r in resumed_log] == pytest.approx([float(r["lr"]) for r in straight_log])
+    expected, resumed = _adapter(tmp_path / "straight"), _adapter(crashed)
+    assert set(expected) == set(resumed)
+    worst = max((expected[k] - resumed[k]).abs().max().item() for k in expected)
+    assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by up to {worst:.3g}"
+    assert [float(r["top1"]) for r in resumed_log] == [float(r["top1"]) for r in straight_log]
+
+
+def test_same_seed_gives_the_same_adapter(tmp_path, digits_folder, backbone_checkpoint):
+    """Two runs with the same config and seed (backbone weights from the same file) train the same tensors."""
+    ckpt = backbone_checkpoint("vit")
+    first = run_training(_config(digits_folder, tmp_path / "a", ckpt, epochs=1, augment=False))
+    second = run_training(_config(digits_folder, tmp_path / "b", ckpt, epochs=1, augment=False))
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst == 0.0, f"same seed, different adapters (max difference {worst:.3g})"
+    assert first["top1"] == second["top1"]
+
+
+CHECKPOINT_DAMAGE = {
+    "random bytes": lambda path: path.write_bytes(bytes(range(256)) * 16),
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:100]),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CHECKPOINT_DAMAGE))
+def test_corrupt_checkpoint_on_resume_is_an_adapter_file_error(damage, tmp_path, finished_run, digits_folder, backbone_checkpoint):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    CHECKPOINT_DAMAGE[damage](out / loop.CHECKPOINT)
+    with pytest.raises(AdapterFileError, match="checkpoint"):
+        run_training(_config(digits_folder, out, backbone_checkpoint("vit"), resume=True))
+
+
+def test_resume_with_another_method_is_an_adapter_file_error(tmp_path, finished_run, digits_folder, backbone_checkpoint):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    with pytest.raises(AdapterFileError, match="does not fit"):
+        run_training(_config(digits_folder, out, backbone_checkpoint("vit"), resume=True, method="bitfit"))
+
+
+def test_resume_of_a_finished_run_trains_no_more(tmp_path, finished_run, digits_folder, backbone_checkpoint):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    before = _adapter(out)
+    summary = run_training(_config(digits_folder, out, backbone_checkpoint("vit"), resume=True))
+    assert summary["epochs"] == EPOCHS
+    after = _adapter(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bad_method_option_fails_before_writing_anything(tmp_path, digits_folder):
+    out = tmp_path / "run"
+    with pytest.raises(deltavision.errors.MethodOptionError):
+        run_training(_config(digits_folder, out, options={"nope": "1"}))
+    assert not out.exists()
