@@ -192,7 +192,10 @@ def compare_methods(
     def report(row):
         console.print(f"  {row['method']}: top-1 {row['top1']:.2f}% in {row['train_seconds']:.0f}s")
 
-    rows = compare(config, on_result=report)
+    def skipped(name, reason):
+        console.print(f"  {name}: skipped ({reason})")
+
+    rows = compare(config, on_result=report, on_skip=skipped)
     table = Table("method", "trainable", "trainable %", "top-1 %", "top-5 %", "train s", "peak MB",
                   title=f"{backbone} on {data}")
     for r in rows:

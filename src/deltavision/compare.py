@@ -11,14 +11,16 @@ import csv
 import io
 import json
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from .backbones import EMBEDDED_BACKBONE
+from .errors import DeltaVisionError, IncompatibleMethodError
 from .io import atomic_write, load_json, save_json
 from .methods import get_method, list_methods
+from .model import method_misfit
 from .train import RunConfig, TrainConfig, run_training
 from .train.plots import plot_accuracy_vs_params
 
@@ -54,16 +56,29 @@ def run_one_isolated(config: RunConfig) -> dict[str, Any]:
         return pool.submit(_train_in_this_process, config).result()
 
 
-def compare(config: CompareConfig, on_result=None) -> list[dict[str, Any]]:
+def compare(config: CompareConfig, on_result=None, on_skip=None) -> list[dict[str, Any]]:
+    """Train every method (or ``config.methods``) and write the reports; return one row per method.
+
+    Without an explicit method list, methods that do not fit the backbone's family
+    (VPT on a CNN, say) are skipped and passed to ``on_skip(method, reason)``.
+    """
     methods = config.methods or tuple(list_methods())
     for name in methods:
         get_method(name)  # fail on a typo before hours of training
     rows = []
     for name in methods:
+        reason = method_misfit(config.backbone, name)
+        if reason and config.methods:
+            raise IncompatibleMethodError(reason)
+        if reason:
+            if on_skip:
+                on_skip(name, reason)
+            continue
         run_dir = Path(config.out_dir) / name
-        row = _finished(run_dir) if not config.overwrite else None
+        run_config = _run_config(config, name, run_dir)
+        row = None if config.overwrite else _finished(run_dir, run_config)
         if row is None:
-            row = run_one_isolated(_run_config(config, name, run_dir))
+            row = run_one_isolated(run_config)
             row["trainable_pct"] = 100.0 * row["trainable"] / row["total"]
             save_json(row, run_dir / SUMMARY)
         rows.append(row)
@@ -97,11 +112,14 @@ def default_lr(method: str) -> float:
     return get_method(method).default_lr
 
 
-def _finished(run_dir: Path) -> dict[str, Any] | None:
+def _finished(run_dir: Path, run_config: RunConfig) -> dict[str, Any] | None:
+    """The summary of an earlier run with exactly these settings, if there is one."""
     try:
-        return load_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else None
-    except Exception:
+        row = load_json(run_dir / SUMMARY)
+    except DeltaVisionError:
         return None
+    same = row.get("config") == json.loads(json.dumps(asdict(run_config)))
+    return row if same else None
 
 
 def write_reports(rows: list[dict[str, Any]], out_dir: Path, config: CompareConfig) -> None:

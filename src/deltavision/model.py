@@ -81,6 +81,21 @@ def adapt(
     return model
 
 
+def method_misfit(backbone: str, method: str, backbone_options: dict[str, Any] | None = None) -> str | None:
+    """Why ``method`` cannot be applied to ``backbone`` (None if it can); builds no weights."""
+    import timm
+
+    spec = get_method(method)
+    if method in STRUCTURE_FREE:
+        return None
+    family = family_of(timm.create_model(backbone, pretrained=False, **(backbone_options or {})))
+    if family is None:
+        return f"method {method!r} needs a backbone family deltavision knows; {backbone} is not one"
+    if spec.families is not None and family not in spec.families:
+        return f"method {method!r} supports {', '.join(sorted(spec.families))} backbones, not {family} ({backbone})"
+    return None
+
+
 def _anatomy_for(model: nn.Module, method: str, backbone: str):
     """The backbone's anatomy; structure-free methods also accept families deltavision does not know."""
     if family_of(model) is not None or method not in STRUCTURE_FREE:

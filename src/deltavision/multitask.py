@@ -2,15 +2,16 @@
 
 Each task is the backbone with its own adapter and head. Task models are
 structural copies of one backbone whose parameter and buffer tensors are
-shared, not copied, so N tasks cost one backbone plus N adapters. Only methods
-that leave the backbone's tensors untouched can share it (adapters, LoRA left
-unmerged, VPT); methods that train backbone tensors (full, bitfit, norm,
-partial, ssf) are refused.
+shared, not copied, so N tasks cost one backbone plus N adapters. Methods that
+add tensors of their own can share it (the adapters, LoRA and SSF left
+unmerged, VPT, E3VA); methods that train the backbone's own tensors (full,
+bitfit, norm, partial) are refused, and no shared task can be merged.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import itertools
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,20 @@ class MultiTaskModel(nn.Module):
     def load_task(self, name: str, directory: str | Path) -> nn.Module:
         """Attach the adapter saved in ``directory`` (for this backbone) as task ``name``."""
         config = read_adapter_config(directory)
-        if config["backbone"] != self.backbone_name:
+        saved_backbone = [config["backbone"], config.get("backbone_options") or {}]
+        if saved_backbone != json.loads(json.dumps([self.backbone_name, self.backbone_options])):
             raise AdapterFileError(
-                f"adapter {directory} is for backbone {config['backbone']!r}, this model holds {self.backbone_name!r}"
+                f"adapter {directory} is for backbone {saved_backbone}, this model holds "
+                f"{(self.backbone_name, self.backbone_options)}"
             )
+        previous = self.active
         model = self.add_task(name, config["method"], config["num_classes"], **config.get("options", {}))
-        return load_adapter(directory, model)
+        try:
+            return load_adapter(directory, model)
+        except Exception:
+            del self.tasks[name]
+            self.active = previous
+            raise
 
     def memory_report(self) -> dict[str, int]:
         """Bytes held by the shared backbone and by each task's own tensors."""

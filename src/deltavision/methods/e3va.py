@@ -13,9 +13,10 @@ or 32 (E3VA, E3VA+, E3VA++), i.e. 2 alpha (m + n) weights plus a bias per
 projection. U starts at zero, so the untrained highway reproduces the
 backbone (e_i = l_i for every block). At stage boundaries the highway passes
 through frozen copies of the backbone's downsampling layers (Sec. 3.2,
-"Downsampling"); each stage output gets a trainable norm (multi-scale
-features, ``e3va_features``), and the classifier reads the last stage through
-the backbone's final norm, which becomes trainable.
+"Downsampling"). The classifier reads the last stage through the backbone's
+final norm, which becomes trainable. With ``dense=true`` every stage output
+also gets a trainable norm (the paper's norms before the FPN) and
+``e3va_features`` returns the multi-scale maps for dense-prediction heads.
 
 Families: ViT and Swin as in the paper; ConvNeXt (one adapter per block, on
 its single residual branch); EfficientNet, whose resolution- or
@@ -36,7 +37,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from ..anatomy.taps import transformer_branches
-from ..errors import MethodOptionError
+from ..errors import IncompatibleMethodError, MethodOptionError
 from .common import get_module, unfreeze
 from .registry import register_method
 
@@ -44,6 +45,7 @@ from .registry import register_method
 @dataclass
 class E3VAConfig:
     rank: int = 8
+    dense: bool = False
 
     def __post_init__(self):
         if self.rank < 1:
@@ -92,7 +94,7 @@ def _stage_norm(channels: int, layout: str) -> nn.Module:
 class Highway(nn.Module):
     """The trainable side of E3VA: adapters per block branch, frozen downsample copies, stage norms."""
 
-    def __init__(self, model: nn.Module, anatomy, rank: int):
+    def __init__(self, model: nn.Module, anatomy, rank: int, dense: bool):
         super().__init__()
         channel_dim = 1 if anatomy.layout == "nchw" else -1
         self.adapters = nn.ModuleList()
@@ -108,7 +110,8 @@ class Highway(nn.Module):
         for stage in anatomy.stages:
             if stage.downsample:
                 self.passes[f"down{stage.index}"] = _frozen_copy(get_module(model, stage.downsample))
-        self.stage_norms = nn.ModuleList(_stage_norm(s.width, anatomy.layout) for s in anatomy.stages)
+        stage_norms = (_stage_norm(s.width, anatomy.layout) for s in anatomy.stages) if dense else ()
+        self.stage_norms = nn.ModuleList(stage_norms)
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -170,6 +173,8 @@ def e3va_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     Swin's NHWC maps are returned as NCHW too.
     """
     anatomy = model.dv_e3va_anatomy
+    if not len(model.dv_e3va.stage_norms):
+        raise IncompatibleMethodError("multi-scale features need the stage norms: create the model with dense=true")
     feats = []
     for norm, e in zip(model.dv_e3va.stage_norms, e3va_stage_outputs(model, x)):
         f = norm(e)
@@ -196,7 +201,7 @@ def _e3va_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 @register_method("e3va", E3VAConfig, "gradient highway of dual low-rank adapters beside the frozen backbone (E3VA)")
 def apply_e3va(model: nn.Module, anatomy, config: E3VAConfig) -> None:
-    model.dv_e3va = Highway(model, anatomy, config.rank)
+    model.dv_e3va = Highway(model, anatomy, config.rank, config.dense)
     object.__setattr__(model, "dv_e3va_anatomy", anatomy)
     object.__setattr__(model, "dv_e3va_family", anatomy.family)
     for name in anatomy.final:

@@ -111,9 +111,10 @@ def _wrap(module: nn.Module, slices, config) -> nn.Module:
     return LoRAConv1x1(module, config.rank, config.alpha)
 
 
-def _targets_in_block(block: nn.Module, targets: tuple[str, ...]) -> dict[str, dict[str, slice]]:
-    """{block-relative Linear name: {slice name: output rows}} for the requested targets."""
+def _targets_in_block(block: nn.Module, targets: tuple[str, ...]) -> tuple[dict[str, dict[str, slice]], set[str]]:
+    """({block-relative layer name: {slice name: output rows}}, the targets that matched here)."""
     found: dict[str, dict[str, slice]] = {}
+    matched: set[str] = set()
     qkv_parts = [t for t in targets if t in QKV_SLICES]
     if qkv_parts:
         qkv = _find_qkv(block)
@@ -125,15 +126,14 @@ def _targets_in_block(block: nn.Module, targets: tuple[str, ...]) -> dict[str, d
         name, linear = qkv
         third = linear.out_features // 3
         found[name] = {t: slice(i * third, (i + 1) * third) for i, t in enumerate(QKV_SLICES) if t in qkv_parts}
+        matched.update(qkv_parts)
     modules = dict(block.named_modules())
     for target in (t for t in targets if t not in QKV_SLICES):
-        matches = [
-            n for n, m in modules.items()
-            if (isinstance(m, nn.Linear) or _is_pointwise(m)) and (n == target or n.endswith("." + target))
-        ]
-        for name in matches:
-            found[name] = {"all": slice(0, getattr(modules[name], "out_features", 0))}
-    return found
+        for name, module in modules.items():
+            if (isinstance(module, nn.Linear) or _is_pointwise(module)) and (name == target or name.endswith("." + target)):
+                found[name] = {"all": slice(0, getattr(module, "out_features", 0))}
+                matched.add(target)
+    return found, matched
 
 
 def _find_qkv(block: nn.Module):
@@ -154,14 +154,17 @@ def _merge_lora(model: nn.Module, anatomy) -> None:
 @register_method("lora", LoRAConfig, "low-rank updates of q and v (LoRA); merges into the weights", merge=_merge_lora)
 def apply_lora(model: nn.Module, anatomy, config: LoRAConfig) -> None:
     targets = config.targets or DEFAULT_TARGETS[anatomy.family]
-    matched = set()
+    plan, matched = [], set()
     for info in anatomy.blocks:
         block = model.get_submodule(info.name)
-        for rel, slices in _targets_in_block(block, targets).items():
-            matched.update(slices if rel.endswith("qkv") else [rel.rpartition(".")[2]])
-            set_module(block, rel, _wrap(block.get_submodule(rel), slices, config))
+        found, hits = _targets_in_block(block, targets)
+        plan.append((block, found))
+        matched |= hits
     unmatched = [t for t in targets if t not in matched]
     if unmatched:
         raise MethodOptionError(
             f"lora: no Linear or 1x1 convolution named {', '.join(map(repr, unmatched))} in the blocks of this backbone"
         )
+    for block, found in plan:
+        for rel, slices in found.items():
+            set_module(block, rel, _wrap(block.get_submodule(rel), slices, config))

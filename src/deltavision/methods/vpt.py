@@ -5,13 +5,15 @@ register) tokens once the patches are embedded (VPT-Shallow); with
 ``deep=true`` every later block gets its own prompts in their place
 (VPT-Deep). Prompts are initialised uniformly in +-sqrt(6 / (3 p^2 + C)), as
 Xavier for a patch-sized fan-in. They are counted as prefix tokens, so the
-head's average pooling and Mona's token grid leave them out. ViT-style token
+head's average pooling and timm's intermediate-feature helpers leave them out,
+while the position embedding is still resampled for the real prefix only. ViT-style token
 backbones only.
 """
 
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -79,3 +81,16 @@ def apply_vpt(model: nn.Module, anatomy, config: VPTConfig) -> None:
             taps.before_block.append(PromptReplace(_prompt(config.num_tokens, channels, anatomy.patch_size),
                                                    prefix, config.dropout))
     model.num_prefix_tokens = prefix + config.num_tokens
+    object.__setattr__(model, "dv_prefix_before_prompts", prefix)
+    model._pos_embed = types.MethodType(_pos_embed_before_prompts, model)
+
+
+def _pos_embed_before_prompts(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's position embedding, which must count only the real prefix tokens
+    (it resamples ``pos_embed`` for other image sizes); the prompts come later."""
+    with_prompts = self.num_prefix_tokens
+    self.num_prefix_tokens = self.dv_prefix_before_prompts
+    try:
+        return type(self)._pos_embed(self, x)
+    finally:
+        self.num_prefix_tokens = with_prompts
