@@ -145,7 +145,7 @@ def evaluate_adapter(
 
 @app.command()
 def merge(
-    adapter: Path = typer.Argument(..., help="Adapter folder of a method that folds (ssf and the baselines)."),
+    adapter: Path = typer.Argument(..., help="Adapter folder of a method that folds (ssf, lora and the baselines)."),
     out: Path = typer.Option(..., help="Output .safetensors file of the plain timm model."),
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
     pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),

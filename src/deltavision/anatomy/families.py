@@ -28,6 +28,19 @@ def _classifier(model: nn.Module) -> str:
     return model.pretrained_cfg.get("classifier", "head")
 
 
+def _staged_blocks(model: nn.Module, stages_attr: str, kind_and_branches) -> tuple[list[Block], list[Stage]]:
+    """Blocks and stages of a model whose stages each hold ``downsample`` and ``blocks``."""
+    blocks, stages = [], []
+    for s, stage in enumerate(getattr(model, stages_attr)):
+        width, first = model.feature_info[s]["num_chs"], len(blocks)
+        for j, block in enumerate(stage.blocks):
+            kind, branches = kind_and_branches(block)
+            blocks.append(Block(f"{stages_attr}.{s}.blocks.{j}", s, kind, width, branches))
+        downsample = None if isinstance(stage.downsample, nn.Identity) else f"{stages_attr}.{s}.downsample"
+        stages.append(Stage(s, downsample, tuple(range(first, len(blocks))), width))
+    return blocks, stages
+
+
 @register_family("vit", VisionTransformer)
 def describe_vit(model: VisionTransformer) -> Anatomy:
     """ViT/DeiT: one stage of pre-norm blocks on a token sequence with prefix tokens."""
@@ -53,14 +66,7 @@ def describe_vit(model: VisionTransformer) -> Anatomy:
 @register_family("swin", SwinTransformer)
 def describe_swin(model: SwinTransformer) -> Anatomy:
     """Swin: hierarchical stages on an NHWC grid; PatchMerging opens stages 1..n."""
-    blocks, stages = [], []
-    for s, layer in enumerate(model.layers):
-        width = model.feature_info[s]["num_chs"]
-        first = len(blocks)
-        for j in range(len(layer.blocks)):
-            blocks.append(Block(f"layers.{s}.blocks.{j}", s, "transformer", width, TRANSFORMER_BRANCHES_SWIN))
-        downsample = f"layers.{s}.downsample" if not isinstance(layer.downsample, nn.Identity) else None
-        stages.append(Stage(s, downsample, tuple(range(first, len(blocks))), width))
+    blocks, stages = _staged_blocks(model, "layers", lambda block: ("transformer", TRANSFORMER_BRANCHES_SWIN))
     return Anatomy(
         family="swin",
         layout="nhwc",
@@ -77,15 +83,8 @@ def describe_swin(model: SwinTransformer) -> Anatomy:
 @register_family("convnext", ConvNeXt)
 def describe_convnext(model: ConvNeXt) -> Anatomy:
     """ConvNeXt: NCHW stages; each block has one residual branch (dw-conv, norm, MLP)."""
-    blocks, stages = [], []
-    for s, stage in enumerate(model.stages):
-        first = len(blocks)
-        width = model.feature_info[s]["num_chs"]
-        for j, block in enumerate(stage.blocks):
-            branch = _present(block, ("conv_dw", "norm", "mlp", "ls", "drop_path"))
-            blocks.append(Block(f"stages.{s}.blocks.{j}", s, "convnext", width, {"main": branch}))
-        downsample = f"stages.{s}.downsample" if not isinstance(stage.downsample, nn.Identity) else None
-        stages.append(Stage(s, downsample, tuple(range(first, len(blocks))), width))
+    main_branch = ("conv_dw", "norm", "mlp", "ls", "drop_path")
+    blocks, stages = _staged_blocks(model, "stages", lambda block: ("convnext", {"main": _present(block, main_branch)}))
     return Anatomy(
         family="convnext",
         layout="nchw",

@@ -1,0 +1,136 @@
+"""Micro-batching: images of concurrent requests share one backbone pass.
+
+Requests submit single images; a worker thread takes the first waiting image,
+waits at most ``max_wait`` seconds for more (up to ``max_batch``), runs the
+batch once and resolves every submitter's future. An image already waiting or
+running under the same key is not queued twice: its submitters share a future,
+and one whose result is already stored (``lookup``) is not queued at all.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+BatchFn = Callable[[Sequence[str], torch.Tensor], Sequence[Any]]
+
+
+class QueueFull(RuntimeError):
+    """More images are waiting than the batcher accepts; retry later."""
+
+
+@dataclass
+class _Job:
+    key: str
+    pixels: torch.Tensor
+    future: Future
+
+
+class MicroBatcher:
+    """Runs ``run_batch(keys, stacked_pixels) -> one result per image`` on batches, in one thread.
+
+    Each submitter's future completes with its image's result (or the batch's exception).
+    """
+
+    def __init__(
+        self,
+        run_batch: BatchFn,
+        max_batch: int = 32,
+        max_wait: float = 0.005,
+        max_pending: int = 1024,
+        lookup: Callable[[str], Any] | None = None,
+    ):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.max_pending = max_pending
+        self.lookup = lookup
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.images = 0
+        self._worker = threading.Thread(target=self._work, name="deltavision-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, key: str, pixels: torch.Tensor) -> Future:
+        """A future of ``key``'s result; raises QueueFull when too many images are waiting."""
+        with self._lock:
+            if key in self._pending:
+                return self._pending[key]
+            # run_batch stores results before the key leaves _pending, so under this lock an
+            # image is either pending or already stored, never in between
+            stored = self.lookup(key) if self.lookup else None
+            if stored is not None:
+                done: Future = Future()
+                done.set_result(stored)
+                return done
+            if len(self._pending) >= self.max_pending:
+                raise QueueFull(f"{len(self._pending)} images are waiting")
+            future: Future = Future()
+            self._pending[key] = future
+        self._queue.put(_Job(key, pixels, future))
+        return future
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker after the images already queued."""
+        self._queue.put(None)
+        self._worker.join(timeout)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "batches": self.batches,
+            "images_computed": self.images,
+            "mean_batch": self.images / self.batches if self.batches else 0.0,
+            "waiting": len(self._pending),
+        }
+
+    def _work(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs, stop = self._collect(first)
+            self._run(jobs)
+            if stop:
+                return
+
+    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        """``first`` plus whatever arrives within ``max_wait``, up to ``max_batch`` jobs."""
+        jobs, deadline = [first], time.monotonic() + self.max_wait
+        while len(jobs) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
+
+    def _run(self, jobs: list[_Job]) -> None:
+        results, error = [None] * len(jobs), None
+        try:
+            results = self.run_batch([job.key for job in jobs], torch.stack([job.pixels for job in jobs]))
+        except Exception as err:  # reported to every waiting request, the worker lives on
+            error = err
+        self.batches += 1
+        self.images += len(jobs)
+        with self._lock:
+            for job in jobs:
+                self._pending.pop(job.key, None)
+        for job, result in zip(jobs, results):
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)

@@ -1,0 +1,207 @@
+"""Command line of separated tuning: ``deltavision serve`` and ``deltavision edge fit|eval|predict``.
+
+Only typer and rich are imported here; each command imports what it needs when
+it runs, so the edge commands never load timm.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+TOKEN_HELP = "Bearer token shared by service and clients [env: DELTAVISION_TOKEN]."
+SERVER_HELP = "Feature service URL, e.g. http://127.0.0.1:8765."
+THREADS_HELP = "Torch threads; the edge network is small, and one thread avoids OpenMP contention on shared CPUs."
+DATA_HELP = "An image folder (train/ and val/, or class folders to split) or fashion-mnist, mnist5k, digits."
+
+edge_app = typer.Typer(
+    help="Train and use a MIST edge network on features from a `deltavision serve` service; no backbone needed.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _literal(text: str):
+    """A backbone option value: a Python literal (32, 0.1, (1, 2), True) or else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+LOW_MEMORY_HELP = "Return freed tensor memory to the system at once (lower peak RSS, slower steps)."
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _edge_process(threads: int, low_memory: bool) -> None:
+    """Settings every edge command applies before it allocates anything."""
+    _set_threads(threads)
+    if low_memory:
+        from .memory import release_large_blocks
+
+        release_large_blocks()
+
+
+def _backbone_options(pairs: Optional[List[str]]) -> dict:
+    from ..errors import MethodOptionError
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise MethodOptionError(f"backbone option {pair!r} should look like key=value")
+        options[key.strip()] = _literal(value.strip())
+    return options
+
+
+def serve_command(
+    backbone: str = typer.Option(..., help="timm model name, e.g. vit_base_patch16_224 or tf_efficientnet_lite0."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors/.pth) instead of the hub."),
+    pretrained: bool = typer.Option(True, help="Pretrained weights (hub, embedded default, or --checkpoint)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8765, min=1, max=65535),
+    token: Optional[str] = typer.Option(None, envvar="DELTAVISION_TOKEN", help=TOKEN_HELP),
+    image_size: Optional[int] = typer.Option(None, min=8, help="Input size [default: the backbone's]."),
+    backbone_opt: Optional[List[str]] = typer.Option(None, help="timm model option key=value (repeatable)."),
+    max_batch: int = typer.Option(32, min=1, help="Most images per backbone pass (micro-batching)."),
+    max_wait_ms: float = typer.Option(5.0, min=0.0, help="Longest wait for a batch to fill."),
+    cache_mb: int = typer.Option(512, min=0, help="Feature cache size (LRU by image content hash)."),
+    max_body_mb: float = typer.Option(32.0, min=0.01, help="Largest accepted request body."),
+    max_images: int = typer.Option(64, min=1, help="Most images per request."),
+    max_pixels: int = typer.Option(4096 * 4096, min=1, help="Largest accepted image (width x height)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Torch threads for the backbone [default: torch's]."),
+) -> None:
+    """Serve Gather_k features of a frozen backbone over HTTP (MIST separated tuning)."""
+    import uvicorn
+
+    from .service import MIB, ServiceConfig, build_service, create_app
+
+    _set_threads(threads)
+    config = ServiceConfig(
+        token=token or "", max_batch=max_batch, max_wait_ms=max_wait_ms, cache_bytes=cache_mb * MIB,
+        max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_pixels=max_pixels,
+    )  # fmt: skip
+    service = build_service(
+        backbone, config, checkpoint=checkpoint, pretrained=pretrained, image_size=image_size,
+        backbone_options=_backbone_options(backbone_opt) or None,
+    )  # fmt: skip
+    info = service.info()
+    console.print(
+        f"serving {backbone} on http://{host}:{port}: Gather_k over {info['num_blocks']} blocks, "
+        f"k in {info['k_values']}, {info['feature_shape'][0]} x {info['feature_shape'][1]} per image",
+        highlight=False,
+    )
+    try:
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    finally:
+        service.close()
+
+
+@edge_app.command("fit")
+def edge_fit(
+    out: Path = typer.Option(..., help="Folder for edge_model.safetensors and edge_config.json."),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP),
+    token: Optional[str] = typer.Option(None, envvar="DELTAVISION_TOKEN", help=TOKEN_HELP),
+    k: str = typer.Option("auto", help="Gather depth: 'auto' (best of the service's candidates on val) or one of them."),
+    dtype: str = typer.Option("float16", help="Transfer dtype: float32, float16 or int8."),
+    cache: Optional[Path] = typer.Option(None, help="Local feature cache [default: OUT/feature-cache]."),
+    offline: bool = typer.Option(False, help="Train from the feature cache alone (its recorded dataset); no service."),
+    epochs: int = typer.Option(10, min=1),
+    select_epochs: int = typer.Option(3, min=1, help="Epochs per candidate when --k auto."),
+    batch_size: int = typer.Option(32, min=1),
+    lr: float = typer.Option(3e-3, min=0.0, help="AdamW peak learning rate."),
+    weight_decay: float = typer.Option(0.05, min=0.0),
+    warmup_epochs: float = typer.Option(1.0, min=0.0),
+    label_smoothing: float = typer.Option(0.1, min=0.0, max=0.99),
+    blocks: int = typer.Option(4, min=0, help="LAE blocks."),
+    qkv_width: Optional[int] = typer.Option(None, min=1, help="Query/key/value width [default: max(8, C // 48)]."),
+    heads: int = typer.Option(1, min=1),
+    val_fraction: float = typer.Option(0.2, help="Share of each class held out when the data has no val split."),
+    train_limit: Optional[int] = typer.Option(None, min=1),
+    val_limit: Optional[int] = typer.Option(None, min=1),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="Replace an edge model already in --out."),
+    threads: int = typer.Option(1, min=1, help=THREADS_HELP),
+    low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
+) -> None:
+    """Fetch each image's features once, choose k, train the low-rank attention edge network, save it."""
+    from .fit import FitConfig
+    from .tasks import FitOptions, fit_edge
+
+    _edge_process(threads, low_memory)
+    options = FitOptions(
+        out=out, server=server, token=token, data=data, cache=cache, k=k, dtype=dtype, offline=offline,
+        val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit, num_blocks=blocks,
+        qkv_width=qkv_width, heads=heads, overwrite=overwrite,
+        fit=FitConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+            label_smoothing=label_smoothing, select_epochs=select_epochs, seed=seed,
+        ),
+    )  # fmt: skip
+    summary = fit_edge(options)
+    if summary["k_scores"]:
+        scores = ", ".join(f"k={key}: {value:.1f}%" for key, value in summary["k_scores"].items())
+        console.print(f"k selection (val top-1 after {select_epochs} epochs): {scores}", highlight=False)
+    console.print(
+        f"edge network k={summary['k']} {summary['dtype']}: val top-1 {summary['top1']:.2f}% on "
+        f"{summary['val_images']} images, {summary['trainable_parameters']:,} parameters; saved in {out}",
+        highlight=False,
+    )
+
+
+@edge_app.command("eval")
+def edge_eval(
+    model: Path = typer.Argument(..., help="Folder written by `deltavision edge fit`."),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
+    token: Optional[str] = typer.Option(None, envvar="DELTAVISION_TOKEN", help=TOKEN_HELP),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP + " [default: the training data]"),
+    cache: Optional[Path] = typer.Option(None, help="Local feature cache [default: the one used by fit]."),
+    offline: bool = typer.Option(False, help="Evaluate on the cached validation split; no service."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    threads: int = typer.Option(1, min=1, help=THREADS_HELP),
+    low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
+) -> None:
+    """Top-1 of an edge network on a validation split."""
+    from .tasks import evaluate_saved_edge
+
+    _edge_process(threads, low_memory)
+    metrics = evaluate_saved_edge(model, server=server, token=token, data=data, cache=cache, offline=offline)
+    if as_json:
+        print(json.dumps(metrics))
+    else:
+        console.print(f"top-1 {metrics['top1']:.2f}% on {metrics['images']} images", highlight=False)
+
+
+@edge_app.command("predict")
+def edge_predict(
+    model: Path = typer.Argument(..., help="Folder written by `deltavision edge fit`."),
+    images: List[Path] = typer.Argument(..., help="Image files to classify."),
+    server: str = typer.Option(..., help=SERVER_HELP),
+    token: Optional[str] = typer.Option(None, envvar="DELTAVISION_TOKEN", help=TOKEN_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines only."),
+    threads: int = typer.Option(1, min=1, help=THREADS_HELP),
+    low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
+) -> None:
+    """Label images with an edge network, fetching their features from the service."""
+    from .tasks import predict_files
+
+    _edge_process(threads, low_memory)
+    for row in predict_files(model, images, server=server, token=token):
+        if as_json:
+            print(json.dumps(row))
+        else:
+            console.print(f"{row['image']}\t{row['label']}\t{row['probability']:.3f}", highlight=False, soft_wrap=True)

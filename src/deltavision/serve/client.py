@@ -1,0 +1,217 @@
+"""The edge's side of the wire: ask the service for Gather_k and keep the answers.
+
+Images are sent as their encoded bytes (files as they are on disk, bundled
+arrays as PNG) and identified by the sha256 of those bytes, the same key the
+service caches under. :func:`download_features` sends each image at most once
+across runs: whatever the local :class:`~.store.FeatureStore` already holds is
+never requested again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import DataError, DeltaVisionError
+from .store import FeatureStore
+from .wire import FeaturePayload, PayloadError, unpack
+
+RETRY_STATUSES = {429, 502, 503, 504}
+
+
+class ServiceError(DeltaVisionError):
+    """The feature service could not be reached or refused a request."""
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One labelled image: the sha256 of its encoded bytes and how to get those bytes again."""
+
+    digest: str
+    label: int
+    path: Path | None = None
+    encoded: bytes | None = None
+
+    def read(self) -> bytes:
+        return self.encoded if self.encoded is not None else Path(self.path).read_bytes()
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    classes: list[str]
+    train: list[ImageItem]
+    val: list[ImageItem]
+
+
+class FeatureClient:
+    """HTTP client of the feature service, with bounded retries when it is busy or unreachable."""
+
+    def __init__(self, url: str, token: str | None, timeout: float = 300.0, retries: int = 4, transport=None):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._info: dict[str, Any] | None = None
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "FeatureClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = self._request("GET", "/v1/info").json()
+        return self._info
+
+    def features(self, images: Sequence[bytes], ks: Sequence[int], dtype: str) -> FeaturePayload:
+        """Gather_k of ``images`` for every k in ``ks``, checked against the images' hashes."""
+        files = [("images", (f"{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
+        params = {"k": ",".join(str(k) for k in ks), "dtype": dtype}
+        response = self._request("POST", "/v1/features", params=params, files=files)
+        try:
+            payload = unpack(response.content)
+        except PayloadError as err:
+            raise ServiceError(f"{self.url} sent an unreadable feature payload ({err})") from err
+        expected = [hashlib.sha256(data).hexdigest() for data in images]
+        if payload.hashes != expected or set(payload.ks) != set(ks):
+            raise ServiceError(f"{self.url} answered for other images or k values than asked")
+        return payload
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as err:
+                if attempt == self.retries:
+                    raise ServiceError(f"cannot reach the feature service at {self.url} ({type(err).__name__})") from err
+            else:
+                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                    return _checked(response, self.url)
+            time.sleep(min(8.0, 0.25 * 2**attempt))
+        raise AssertionError("unreachable")
+
+
+def _checked(response: httpx.Response, url: str) -> httpx.Response:
+    if response.status_code < 400:
+        return response
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:200]
+    if response.status_code == 401:
+        raise ServiceError(f"{url} refused the token ({message}); pass --token or set DELTAVISION_TOKEN")
+    raise ServiceError(f"{url} answered {response.status_code}: {message}")
+
+
+# --- images to send -----------------------------------------------------------------------------
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_item(label: int, path: Path | None = None, encoded: bytes | None = None) -> ImageItem:
+    data = encoded if encoded is not None else Path(path).read_bytes()
+    return ImageItem(hashlib.sha256(data).hexdigest(), int(label), path, encoded)
+
+
+def _items_of(dataset) -> list[ImageItem]:
+    """Items of a dataset made by build_datasets: files stay on disk, arrays become PNG bytes."""
+    if hasattr(dataset, "paths"):
+        return [image_item(label, path=path) for path, label in zip(dataset.paths, dataset.labels)]
+    return [image_item(label, encoded=encode_png(pixels)) for pixels, label in zip(dataset.images, dataset.labels)]
+
+
+def labelled_images(
+    data: str | Path,
+    *,
+    val_fraction: float = 0.2,
+    train_limit: int | None = None,
+    val_limit: int | None = None,
+    seed: int = 0,
+) -> LabelledImages:
+    """Train/val images of a folder or bundled dataset, split exactly as :func:`build_datasets` splits."""
+    from ..data import build_datasets
+
+    splits = build_datasets(
+        data, image_size=1, mean=0.0, std=1.0, val_fraction=val_fraction,
+        train_limit=train_limit, val_limit=val_limit, augment=False, seed=seed,
+    )  # fmt: skip
+    return LabelledImages(list(splits.classes), _items_of(splits.train), _items_of(splits.val))
+
+
+def image_files(paths: Sequence[Path]) -> list[ImageItem]:
+    """Unlabelled items for files to predict; DataError for a missing one."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"no such image file: {', '.join(missing[:3])}")
+    return [image_item(-1, path=Path(p)) for p in paths]
+
+
+# --- download into the local cache --------------------------------------------------------------
+
+
+def download_features(
+    client: FeatureClient,
+    store: FeatureStore,
+    items: Sequence[ImageItem],
+    ks: Sequence[int],
+    dtype: str,
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> int:
+    """Fetch Gather_k (every k of ``ks``) for the images ``store`` lacks; returns how many were sent.
+
+    Each batch becomes one shard per k as soon as it arrives, so an interruption
+    loses at most the batch in flight. ``on_shard(batches_done)`` runs after each.
+    """
+    missing = set(store.missing([item.digest for item in items], ks, dtype))
+    todo = list({item.digest: item for item in items if item.digest in missing}.values())
+    limits = client.info()["limits"]
+    max_images = max(1, min(batch_size or limits["max_images"], limits["max_images"]))
+    bar = tqdm(total=len(todo), desc=f"features k={','.join(map(str, ks))} {dtype}", unit="img", disable=not progress)
+    for done, batch in enumerate(request_batches(todo, max_images, limits["max_body_bytes"]), start=1):
+        payload = client.features(batch, ks, dtype)
+        for k in ks:
+            store.write_shard(k, dtype, payload.hashes, payload.features[k], payload.scales.get(k))
+        bar.update(len(batch))
+        if on_shard is not None:
+            on_shard(done)
+    bar.close()
+    return len(todo)
+
+
+def request_batches(items: Sequence[ImageItem], max_images: int, max_bytes: int):
+    """Encoded images in request-sized batches: at most ``max_images``, and under the body limit
+    with room for the multipart framing (an image too big on its own travels alone)."""
+    budget = int(max_bytes * 0.9) - 4096
+    batch: list[bytes] = []
+    size = 0
+    for item in items:
+        data = item.read()
+        if batch and (len(batch) == max_images or size + len(data) > budget):
+            yield batch
+            batch, size = [], 0
+        batch.append(data)
+        size += len(data)
+    if batch:
+        yield batch

@@ -1,0 +1,141 @@
+"""Training and evaluating the edge network on cached features, and choosing k (MIST, Sec. 3.2-3.3).
+
+AdamW with linear warm-up then cosine decay, label-smoothed cross-entropy,
+weight decay on matrices only. Batches are read from the local feature store
+row by row, so memory holds one batch of features, never the dataset.
+
+k is chosen as the paper does: train briefly for every candidate in
+{N/4, N/2, 3N/4, N} and keep the best validation top-1 (ties go to the larger k).
+
+Like the rest of the edge side, this module never imports timm; it therefore
+has its own small schedule instead of ``deltavision.train.loop``'s (importing
+``deltavision.train`` builds backbones, which needs timm).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .edge import EdgeNetwork
+from .store import FeatureStore
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    select_epochs: int = 3
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class FeatureSet:
+    """Labelled images of one split, read from ``store`` as Gather_k in ``dtype``."""
+
+    store: FeatureStore
+    k: int
+    dtype: str
+    hashes: list[str]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(float32 features, labels) batches, shuffled when a generator is given."""
+        order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            rows = order[start : start + batch_size].tolist()
+            yield self.store.read(self.k, self.dtype, [self.hashes[i] for i in rows]), self.labels[rows]
+
+
+def warmup_then_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier: rises linearly over ``warmup_steps``, then follows a half cosine to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 + 0.5 * math.cos(math.pi * done)
+
+    return factor
+
+
+def _optimizer(model: nn.Module, config: FitConfig) -> torch.optim.AdamW:
+    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    vectors = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: FeatureSet | None = None, epochs: int | None = None) -> list[dict]:
+    """Train ``model`` in place; one history row per epoch (train loss, and val metrics if given)."""
+    epochs = config.epochs if epochs is None else epochs
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    optimizer = _optimizer(model, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then_cosine(max(1, int(config.warmup_epochs * steps_per_epoch)), epochs * steps_per_epoch)
+    )
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    generator = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(total=epochs * steps_per_epoch, desc=f"edge k={train.k}", unit="step", disable=not config.progress)
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        loss_sum = 0.0
+        for features, labels in train.batches(config.batch_size, generator):
+            loss = criterion(model(features), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item() * len(labels)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        row = {"epoch": epoch, "train_loss": loss_sum / len(train)}
+        if val is not None:
+            row.update(evaluate_edge(model, val))
+        history.append(row)
+    bar.close()
+    return history
+
+
+@torch.no_grad()
+def evaluate_edge(model: EdgeNetwork, data: FeatureSet, batch_size: int = 64) -> dict:
+    """Mean cross-entropy and top-1 accuracy (percent) on ``data``."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for features, labels in data.batches(batch_size):
+        logits = model(features)
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+    return {"val_loss": loss_sum / len(data), "top1": 100.0 * correct / len(data), "images": len(data)}
+
+
+def select_k(
+    ks: Sequence[int],
+    make_model: Callable[[int], EdgeNetwork],
+    splits: Callable[[int], tuple[FeatureSet, FeatureSet]],
+    config: FitConfig,
+) -> tuple[int, dict[int, float]]:
+    """Best k by validation top-1 after ``config.select_epochs`` of training each (Sec. 3.2)."""
+    scores = {}
+    for k in ks:
+        torch.manual_seed(config.seed)
+        train, val = splits(k)
+        model = make_model(k)
+        train_edge(model, train, config, epochs=config.select_epochs)
+        scores[k] = evaluate_edge(model, val)["top1"]
+    best = max(ks, key=lambda k: (scores[k], k))
+    return best, scores

@@ -1,0 +1,133 @@
+"""The edge's local feature cache: received Gather_k tensors as safetensors shards.
+
+Layout under the cache root::
+
+    <fingerprint>/manifest.json                  dataset: classes, train/val image hashes and labels
+    <fingerprint>/k<k>-<dtype>/<shard>.safetensors  "features" (n, T, C) in the transfer dtype,
+                                                  "scale" (n,) for int8; metadata: hashes (JSON)
+
+One folder per service fingerprint keeps features of different backbones or
+weights apart. Every shard is written atomically (temporary file + rename) and
+named after the hashes it holds, so an interrupted download leaves only whole
+shards, and a resumed one asks the service only for images no shard holds.
+Reading goes through safetensors' lazy slices: only the rows of one batch are
+materialised, so the cache can be larger than the edge's memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import AdapterFileError
+from ..io import load_json, save_json, save_tensors
+from .wire import DTYPES, to_float32
+
+MANIFEST = "manifest.json"
+SHARD_SUFFIX = ".safetensors"
+
+
+class FeatureStore:
+    """The shards of one feature space (service fingerprint) under a cache root."""
+
+    def __init__(self, root: Path, fingerprint: str):
+        if not fingerprint:
+            raise ValueError("a feature store needs the service fingerprint")
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.folder = self.root / fingerprint
+        self._index: dict[tuple[int, str], dict[str, tuple[Path, int]]] = {}
+
+    # --- manifest -------------------------------------------------------------------------------
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        save_json({**manifest, "fingerprint": self.fingerprint}, self.folder / MANIFEST)
+
+    def read_manifest(self) -> dict[str, Any]:
+        return load_json(self.folder / MANIFEST)
+
+    # --- shards ---------------------------------------------------------------------------------
+
+    def shard_folder(self, k: int, dtype: str) -> Path:
+        return self.folder / f"k{k}-{dtype}"
+
+    def index(self, k: int, dtype: str) -> dict[str, tuple[Path, int]]:
+        """{image hash: (shard path, row)} of every shard on disk for ``k`` and ``dtype``."""
+        key = (k, dtype)
+        if key not in self._index:
+            self._index[key] = self._scan(self.shard_folder(k, dtype))
+        return self._index[key]
+
+    def missing(self, hashes: Sequence[str], ks: Sequence[int], dtype: str) -> list[str]:
+        """The hashes (first occurrence order, no duplicates) lacking features for any of ``ks``."""
+        indexes = [self.index(k, dtype) for k in ks]
+        return [h for h in dict.fromkeys(hashes) if any(h not in index for index in indexes)]
+
+    def available_ks(self, hashes: Sequence[str], dtype: str) -> list[int]:
+        """The k values whose shards hold every one of ``hashes``."""
+        found = []
+        for folder in sorted(self.folder.glob(f"k*-{dtype}")):
+            k = int(folder.name[1:].split("-")[0])
+            if not self.missing(hashes, [k], dtype):
+                found.append(k)
+        return sorted(found)
+
+    def write_shard(self, k: int, dtype: str, hashes: list[str], features: torch.Tensor, scale: torch.Tensor | None) -> Path:
+        """Store one received batch for ``k`` atomically; returns the shard path."""
+        if dtype not in DTYPES or features.dtype != DTYPES[dtype] or len(hashes) != features.shape[0]:
+            raise ValueError(f"features {features.dtype} x {features.shape[0]} do not match {dtype} x {len(hashes)}")
+        tensors = {"features": features}
+        if scale is not None:
+            tensors["scale"] = scale
+        name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:24] + SHARD_SUFFIX
+        path = self.shard_folder(k, dtype) / name
+        save_tensors(tensors, path, metadata={"hashes": json.dumps(hashes), "k": str(k), "dtype": dtype})
+        index = self.index(k, dtype)
+        for row, digest in enumerate(hashes):
+            index[digest] = (path, row)
+        return path
+
+    def read(self, k: int, dtype: str, hashes: Sequence[str]) -> torch.Tensor:
+        """float32 (n, T, C) features of ``hashes``, in order, reading only those rows."""
+        index = self.index(k, dtype)
+        absent = [h for h in hashes if h not in index]
+        if absent:
+            raise AdapterFileError(f"the feature cache has no k={k} {dtype} features for {len(absent)} image(s)")
+        by_shard: dict[Path, list[tuple[int, int]]] = defaultdict(list)
+        for position, digest in enumerate(hashes):
+            path, row = index[digest]
+            by_shard[path].append((position, row))
+        rows: list[torch.Tensor | None] = [None] * len(hashes)
+        for path, wanted in by_shard.items():
+            for position, values in _read_rows(path, wanted):
+                rows[position] = values
+        return torch.stack(rows)
+
+    def _scan(self, folder: Path) -> dict[str, tuple[Path, int]]:
+        index: dict[str, tuple[Path, int]] = {}
+        for path in sorted(folder.glob(f"*{SHARD_SUFFIX}")):
+            try:
+                with safe_open(str(path), framework="pt") as shard:
+                    hashes = json.loads((shard.metadata() or {})["hashes"])
+            except (SafetensorError, OSError, KeyError, ValueError):
+                continue  # a foreign or damaged file is refetched rather than trusted
+            for row, digest in enumerate(hashes):
+                index[digest] = (path, row)
+        return index
+
+
+def _read_rows(path: Path, wanted: list[tuple[int, int]]):
+    """Yield (position, float32 row) for each (position, row) of one shard."""
+    with safe_open(str(path), framework="pt") as shard:
+        features = shard.get_slice("features")
+        scale = shard.get_tensor("scale") if "scale" in shard.keys() else None
+        for position, row in wanted:
+            stored = features[row : row + 1]
+            yield position, to_float32(stored, None if scale is None else scale[row : row + 1])[0]

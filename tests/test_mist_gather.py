@@ -1,0 +1,115 @@
+"""Gather_k (MIST Sec. 3.2) against sums of timm's own intermediate outputs."""
+
+import pytest
+import timm
+import torch
+from conftest import IMAGE_SIZE, TINY, random_images
+
+from deltavision.serve.gather import Gatherer, candidate_ks, to_tokens
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+
+
+def seeded(name: str, **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=0, **options).eval()
+
+
+@pytest.mark.parametrize(
+    "blocks, expected",
+    [(1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (4, (1, 2, 3, 4)), (6, (2, 3, 5, 6)), (12, (3, 6, 9, 12)), (24, (6, 12, 18, 24))],
+)
+def test_candidate_ks_are_quarters_of_depth(blocks, expected):
+    assert candidate_ks(blocks) == expected
+
+
+def test_vit_gather_is_embedding_plus_block_outputs_from_forward_intermediates():
+    model = seeded("vit_small_patch16_224", **TINY_VIT)
+    images = random_images(3)
+    embedded = {}
+    model.norm_pre.register_forward_hook(lambda module, args, output: embedded.setdefault("z0", output))
+    timm_outputs = model.forward_intermediates(
+        images, indices=list(range(4)), norm=False, output_fmt="NLC", intermediates_only=True,
+        return_prefix_tokens=True, output_dict=True,
+    )  # fmt: skip
+    blocks = [
+        torch.cat([prefix, patches], dim=1)
+        for prefix, patches in zip(timm_outputs["image_intermediates_prefix"], timm_outputs["image_intermediates"])
+    ]
+    gathered = Gatherer(model)(images)
+    assert sorted(gathered) == [1, 2, 3, 4]
+    for k, features in gathered.items():
+        manual = embedded["z0"] + sum(blocks[:k])
+        assert features.shape == (3, 1 + 16, 32)
+        torch.testing.assert_close(features, manual, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_gather_n_ends_at_the_stream_forward_features_normalises():
+    model = seeded("vit_small_patch16_224", **TINY_VIT)
+    images = random_images(2)
+    last = {}
+    model.blocks[-1].register_forward_hook(lambda module, args, output: last.setdefault("out", output))
+    with torch.no_grad():
+        model.forward_features(images)
+    gathered = Gatherer(model)(images, ks=[3, 4])
+    difference = gathered[4] - gathered[3]  # z_4, the last block's output
+    torch.testing.assert_close(difference, last["out"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["swin", "convnext", "efficientnet"])
+def test_staged_backbones_sum_the_last_residual_stream_as_the_backbone_runs_it(family):
+    """z_0 = the stream entering the first summed block, z_i = summed block outputs, all taken
+    with hooks during timm's own forward_features."""
+    name, options = TINY[family]
+    model = seeded(name, **options)
+    gatherer = Gatherer(model)
+    blocks = [model.get_submodule(block) for block in gatherer.summed_blocks]
+    seen = {"outputs": []}
+    blocks[0].register_forward_pre_hook(lambda module, args: seen.setdefault("z0", args[0]))
+    for block in blocks:
+        block.register_forward_hook(lambda module, args, output: seen["outputs"].append(output))
+    images = random_images(2, size=IMAGE_SIZE)
+    with torch.no_grad():
+        model.forward_features(images)
+    gathered = gatherer(images)
+    assert sorted(gathered) == list(candidate_ks(len(blocks)))
+    for k, features in gathered.items():
+        manual = to_tokens(seen["z0"] + sum(seen["outputs"][:k]), gatherer.layout)
+        torch.testing.assert_close(features, manual, rtol=1e-5, atol=1e-5)
+
+
+def test_summed_stage_choices_per_family():
+    """Swin and ConvNeXt: their last stage; EfficientNet-Lite0: stage 5, as its stage 6 has no skip."""
+    expectations = {
+        "swin": ("layers.2.blocks.0", "layers.2.blocks.1"),
+        "convnext": ("stages.3.blocks.0",),
+        "efficientnet": ("blocks.5.1", "blocks.5.2", "blocks.5.3"),
+    }
+    for family, expected in expectations.items():
+        name, options = TINY[family]
+        assert Gatherer(seeded(name, **options)).summed_blocks == expected
+
+
+def test_gather_output_is_tokens_for_every_layout():
+    name, options = TINY["convnext"]
+    gatherer = Gatherer(seeded(name, **options))
+    shape = gatherer.output_shape(64)
+    features = gatherer(random_images(2, size=64))[1]
+    assert features.shape == (2, shape.tokens, shape.width) == (2, 4, 64)
+    assert shape.grid == (2, 2) and shape.num_prefix_tokens == 0
+
+
+def test_one_pass_stops_at_the_largest_k_asked_and_takes_no_gradient():
+    model = seeded("vit_small_patch16_224", **TINY_VIT)
+    calls = []
+    for index, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda module, args, output, index=index: calls.append(index))
+    gathered = Gatherer(model)(random_images(1).requires_grad_(), ks=[1, 2])
+    assert calls == [0, 1]
+    assert not any(t.requires_grad for t in gathered.values())
+
+
+def test_unknown_k_is_refused():
+    gatherer = Gatherer(seeded("vit_small_patch16_224", **TINY_VIT))
+    with pytest.raises(ValueError, match="1..4"):
+        gatherer(random_images(1), ks=[5])
