@@ -67,10 +67,9 @@ def adapt(
     spec = get_method(method)
     config = make_config(spec, method_options)
     anatomy = _anatomy_for(model, method, backbone)
-    if spec.families is not None and anatomy.family not in spec.families:
-        raise IncompatibleMethodError(
-            f"method {method!r} supports {', '.join(sorted(spec.families))} backbones, not {anatomy.family} ({backbone})"
-        )
+    reason = _family_misfit(spec, anatomy.family, backbone)
+    if reason:
+        raise IncompatibleMethodError(reason)
     model.requires_grad_(False)
     spec.apply(model, anatomy, config)
     unfreeze(get_module(model, anatomy.classifier))
@@ -91,8 +90,12 @@ def method_misfit(backbone: str, method: str, backbone_options: dict[str, Any] |
     family = family_of(timm.create_model(backbone, pretrained=False, **(backbone_options or {})))
     if family is None:
         return f"method {method!r} needs a backbone family deltavision knows; {backbone} is not one"
+    return _family_misfit(spec, family, backbone)
+
+
+def _family_misfit(spec, family: str, backbone: str) -> str | None:
     if spec.families is not None and family not in spec.families:
-        return f"method {method!r} supports {', '.join(sorted(spec.families))} backbones, not {family} ({backbone})"
+        return f"method {spec.name!r} supports {', '.join(sorted(spec.families))} backbones, not {family} ({backbone})"
     return None
 
 
