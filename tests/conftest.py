@@ -52,11 +52,21 @@ NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
 def tiny_model(family: str, method: str, num_classes: int = NUM_CLASSES, checkpoint=None, **method_options):
-    """deltavision model on the tiny random-init (or ``checkpoint``) backbone of ``family``."""
+    """deltavision model on the tiny random-init (or ``checkpoint``) backbone of ``family``.
+
+    deltavision starts a new classifier at zero; here it gets small random
+    weights instead, so that comparisons of logits see what the body computes.
+    """
     name, opts = TINY[family]
-    return deltavision.create_model(
+    model = deltavision.create_model(
         name, method, num_classes, pretrained=False, checkpoint=checkpoint, backbone_options=opts, **method_options
     )
+    classifier = model.get_classifier()
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for param in classifier.parameters():
+            param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
 
 
 def plain_tiny(family: str, num_classes: int = NUM_CLASSES) -> nn.Module:

@@ -293,3 +293,15 @@ def test_saved_tensors_carry_safetensors_metadata(saved_vit):
     directory, _, _ = saved_vit
     with safe_open(str(directory / WEIGHTS), framework="pt") as handle:
         assert handle.metadata() == {"format": "pt"}
+
+
+@pytest.mark.parametrize("method", ["linear", "ssf", "mona"])
+def test_a_new_classifier_starts_at_zero_and_a_fitting_pretrained_one_is_kept(method, backbone_checkpoint):
+    from safetensors.torch import load_file as read
+
+    name, opts = TINY["vit"]
+    path = backbone_checkpoint("vit")
+    fresh = deltavision.create_model(name, method, 10, checkpoint=path, backbone_options=opts)
+    assert all(torch.count_nonzero(p) == 0 for p in fresh.get_classifier().parameters())
+    kept = deltavision.create_model(name, method, 1000, checkpoint=path, backbone_options=opts)
+    assert torch.equal(kept.get_classifier().weight, read(str(path))["head.weight"])

@@ -1,29 +1,29 @@
 """deltavision: adapt pretrained vision backbones cheaply.
 
 SSF, Mona, E3VA, MIST and the parameter-efficient baselines on any timm backbone.
+The model API is loaded on first use, so light parts (the MIST edge side) can be
+imported without timm.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .errors import DeltaVisionError  # noqa: E402
-from .methods import list_methods  # noqa: E402
-from .model import (  # noqa: E402
-    count_parameters,
-    create_model,
-    load_adapter,
-    merge,
-    save_adapter,
-    set_train_mode,
-)
+_LAZY = {
+    "DeltaVisionError": "errors",
+    "list_methods": "methods",
+    "count_parameters": "model",
+    "create_model": "model",
+    "load_adapter": "model",
+    "merge": "model",
+    "save_adapter": "model",
+    "set_train_mode": "model",
+}
 
-__all__ = [
-    "DeltaVisionError",
-    "count_parameters",
-    "create_model",
-    "list_methods",
-    "load_adapter",
-    "merge",
-    "save_adapter",
-    "set_train_mode",
-    "__version__",
-]
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -57,13 +57,24 @@ def create_model(
     model = create_backbone(
         backbone, num_classes, pretrained=pretrained, checkpoint=checkpoint, options=backbone_options
     )
-    return adapt(model, backbone, method, backbone_options, **method_options)
+    fresh_head = not (pretrained or checkpoint) or num_classes != model.pretrained_cfg.get("num_classes")
+    return adapt(model, backbone, method, backbone_options, zero_head=fresh_head, **method_options)
 
 
 def adapt(
-    model: nn.Module, backbone: str, method: str, backbone_options: dict[str, Any] | None = None, **method_options
+    model: nn.Module,
+    backbone: str,
+    method: str,
+    backbone_options: dict[str, Any] | None = None,
+    zero_head: bool = True,
+    **method_options,
 ) -> nn.Module:
-    """Apply ``method`` to a built timm ``model`` in place: freeze it, add the method, free the classifier."""
+    """Apply ``method`` to a built timm ``model`` in place: freeze it, add the method, free the classifier.
+
+    A new classifier starts at zero (``zero_head``): timm's initialisation for
+    some families (EfficientNet's uniform 1/sqrt(classes)) gives large first
+    logits on un-normalised features, which slows linear probing badly.
+    """
     spec = get_method(method)
     config = make_config(spec, method_options)
     anatomy = _anatomy_for(model, method, backbone)
@@ -72,7 +83,11 @@ def adapt(
         raise IncompatibleMethodError(reason)
     model.requires_grad_(False)
     spec.apply(model, anatomy, config)
-    unfreeze(get_module(model, anatomy.classifier))
+    classifier = get_module(model, anatomy.classifier)
+    if zero_head:
+        for param in classifier.parameters():
+            nn.init.zeros_(param)
+    unfreeze(classifier)
     num_classes = model.num_classes
     model.deltavision = ModelSpec(
         backbone, method, num_classes, dataclasses.asdict(config), dict(backbone_options or {})

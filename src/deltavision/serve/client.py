@@ -55,11 +55,11 @@ class LabelledImages:
 class FeatureClient:
     """HTTP client of the feature service, with bounded retries when it is busy or unreachable."""
 
-    def __init__(self, url: str, token: str | None, timeout: float = 300.0, retries: int = 4, transport=None):
+    def __init__(self, url: str, token: str | None, timeout: float = 300.0, retries: int = 4):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
         self.retries = retries
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self._info: dict[str, Any] | None = None
 
     def close(self) -> None:

@@ -62,6 +62,7 @@ class ServiceConfig:
     max_images: int = 64
     max_pixels: int = 4096 * 4096
     max_pending: int = 1024
+    decode_slots: int = 4
 
     def limits(self) -> dict[str, int]:
         return {
@@ -122,6 +123,7 @@ class FeatureService:
         self.fingerprint = _fingerprint(model, backbone, backbone_options or {}, image_size, self.mean, self.std)
         self.cache = FeatureLRU(config.cache_bytes)
         self.counters = Counters()
+        self._decoding = threading.BoundedSemaphore(config.decode_slots)  # bounds decoded-image memory
         self.batcher = MicroBatcher(
             self._run_batch, config.max_batch, config.max_wait_ms / 1000.0, config.max_pending, self.cache.peek
         )
@@ -171,6 +173,10 @@ class FeatureService:
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Normalised (3, S, S) pixels of an encoded image; ApiError for undecodable or oversized ones."""
+        with self._decoding:
+            return self._decode(data)
+
+    def _decode(self, data: bytes) -> torch.Tensor:
         try:
             with Image.open(BytesIO(data)) as image:
                 width, height = image.size

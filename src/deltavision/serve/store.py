@@ -104,11 +104,13 @@ class FeatureStore:
         for position, digest in enumerate(hashes):
             path, row = index[digest]
             by_shard[path].append((position, row))
-        rows: list[torch.Tensor | None] = [None] * len(hashes)
+        batch: torch.Tensor | None = None
         for path, wanted in by_shard.items():
             for position, values in _read_rows(path, wanted):
-                rows[position] = values
-        return torch.stack(rows)
+                if batch is None:
+                    batch = torch.empty((len(hashes), *values.shape))
+                batch[position] = values
+        return batch if batch is not None else torch.empty(0)
 
     def _scan(self, folder: Path) -> dict[str, tuple[Path, int]]:
         index: dict[str, tuple[Path, int]] = {}

@@ -18,8 +18,16 @@ import torch
 
 from ..errors import AdapterFileError, DeltaVisionError
 from ..io import refuse_overwrite
-from .client import FeatureClient, ImageItem, ServiceError, request_batches, download_features, image_files, labelled_images
-from .edge import CONFIG_FILE, EdgeConfig, EdgeNetwork, count_trainable, load_edge, read_edge_config, save_edge
+from .client import (
+    FeatureClient,
+    ImageItem,
+    ServiceError,
+    download_features,
+    image_files,
+    labelled_images,
+    request_batches,
+)
+from .edge import CONFIG_FILE, EdgeConfig, EdgeNetwork, count_trainable, load_edge, save_edge
 from .fit import FeatureSet, FitConfig, evaluate_edge, select_k, train_edge
 from .store import MANIFEST, FeatureStore
 from .wire import DTYPES
