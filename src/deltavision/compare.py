@@ -35,8 +35,8 @@ class CompareConfig:
     methods: tuple[str, ...] = ()
     out_dir: str = "runs/compare"
     image_size: int | None = 64
-    train_limit: int | None = 2000
-    val_limit: int | None = 1000
+    train_limit: int | None = 1000
+    val_limit: int | None = 500
     augment: bool = False  # a 3-epoch budget on small images learns faster without it
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
