@@ -1,0 +1,319 @@
+"""Measurement machinery shared by the benchmark scripts (foundation.py, e3va.py, multitask.py).
+
+* **Fresh processes.** A script re-invokes itself with ``--worker JSON`` for
+  every configuration whose memory it measures (:func:`run_in_fresh_process`,
+  :func:`serve_worker`), so no allocator state, cache or peak carries over
+  from another configuration. The worker prints one ``RESULT {json}`` line.
+* **Peak training memory** (:func:`peak_growth`): with the model and a fixed
+  random batch built, read the process's peak RSS
+  (``getrusage(RUSAGE_SELF).ru_maxrss``), create the optimizer, run a few
+  steps and report how far the peak grew: activations kept for backward,
+  gradients, AdamW state and framework buffers; the weights are part of the
+  baseline.
+* **Held memory** (:func:`held_rss_bytes`): the current RSS after garbage
+  collection and ``malloc_trim``, for "what does this object keep alive".
+* **Interleaved timing** (:func:`interleaved_medians`): every round calls each
+  candidate once, in an order rotated by one per round; warm-up rounds, then
+  the median of the timed rounds. A change of load from other processes hits
+  every candidate alike instead of skewing whichever ran at the time.
+
+Every process uses ``torch.set_num_threads(2)`` and seed 0. The embedded
+default backbone (tf_efficientnet_lite0) loads its real shipped weights; the
+others use random init (the measured costs do not depend on weight values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime
+import functools
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import deltavision  # noqa: E402
+from deltavision.backbones import create_backbone  # noqa: E402
+from deltavision.errors import DeltaVisionError  # noqa: E402
+from deltavision.train.loop import parameter_groups  # noqa: E402
+from deltavision.train.run import peak_rss_bytes  # noqa: E402
+
+EMBEDDED = "tf_efficientnet_lite0"  # the only backbone with offline pretrained weights
+NUM_CLASSES = 10
+THREADS = 2
+SEED = 0
+WEIGHT_DECAY = 0.05
+LEARNING_RATE = 1e-3
+MIB = 2**20
+RESULT_TAG = "RESULT "
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+Call = Callable[[], object]
+
+
+# ---------------------------------------------------------------- models and batches
+
+
+def setup_torch() -> None:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(SEED)
+
+
+def size_options(backbone: str, image_size: int) -> dict:
+    """``img_size`` for fixed-input-size models (ViT, Swin) run off their native size."""
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    if cfg is not None and cfg.fixed_input_size and cfg.input_size[-1] != image_size:
+        return {"img_size": image_size}
+    return {}
+
+
+def build_model(backbone: str, method: str, image_size: int, options: dict | None = None) -> nn.Module:
+    """``deltavision.create_model`` with a 10-class head; real weights only for the embedded backbone."""
+    return deltavision.create_model(
+        backbone, method, NUM_CLASSES, pretrained=backbone == EMBEDDED,
+        backbone_options=size_options(backbone, image_size) or None, **(options or {}),
+    )
+
+
+def build_plain(backbone: str, image_size: int) -> nn.Module:
+    """The untouched timm model with a 10-class head (same weights policy as :func:`build_model`)."""
+    options = size_options(backbone, image_size)
+    return create_backbone(backbone, NUM_CLASSES, pretrained=backbone == EMBEDDED, options=options)
+
+
+def fixed_batch(batch: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(SEED)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    return images, torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct parameter and buffer tensors of ``module``."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ---------------------------------------------------------------- steps
+
+
+def training_step(model, optimizer, images, labels) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+
+
+def training_call(model: nn.Module, images, labels) -> Call:
+    """One training step (forward, cross-entropy, backward, AdamW over ``parameter_groups``) as a call."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, WEIGHT_DECAY), lr=LEARNING_RATE)
+    deltavision.set_train_mode(model)
+    return functools.partial(training_step, model, optimizer, images, labels)
+
+
+def no_grad_forward(model, images) -> None:
+    with torch.no_grad():
+        model(images)
+
+
+def no_grad_call(model: nn.Module, images, labels) -> Call:
+    """The floor of any training step: the frozen model's forward under ``torch.no_grad``, in
+    training mode as :func:`deltavision.set_train_mode` sets it (frozen BatchNorms in eval mode);
+    no loss, no backward, no optimizer."""
+    deltavision.set_train_mode(model.requires_grad_(False))
+    return functools.partial(no_grad_forward, model, images)
+
+
+def peak_growth(model: nn.Module, images, labels, make_call=training_call, steps: int = 3) -> dict:
+    """Growth of the peak RSS over ``steps`` calls, above the level once ``model`` and the batch exist.
+
+    Step 2 is the first with gradients and AdamW state alive together, so
+    two or more steps reach the training peak."""
+    gc.collect()
+    baseline = peak_rss_bytes()
+    call = make_call(model, images, labels)
+    for _ in range(steps):
+        call()
+    return {"baseline_rss_mib": baseline / MIB, "peak_growth_mib": (peak_rss_bytes() - baseline) / MIB}
+
+
+def held_rss_bytes() -> int:
+    """Current RSS after ``gc.collect`` and glibc's ``malloc_trim(0)`` (freed heap pages go back to the OS)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def interleaved_medians(calls: dict[str, Call], warmup: int, runs: int) -> dict[str, float]:
+    """Median wall time (s) of each call over ``runs`` rounds after ``warmup`` rounds.
+
+    Every round runs each call once, in an order rotated by one per round, so a
+    change of machine load during the measurement hits all of them alike."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rnd in range(warmup + runs):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            calls[name]()
+            if rnd >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def prepare_all(prepare: Callable[[str], Call], names) -> tuple[dict[str, Call], dict[str, str]]:
+    """``prepare(name)`` for every name; those that do not apply (DeltaVisionError) go to ``skipped``."""
+    calls, skipped = {}, {}
+    for name in names:
+        try:
+            calls[name] = prepare(name)
+        except DeltaVisionError as err:
+            skipped[name] = first_line(err)
+    return calls, skipped
+
+
+def first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+# ---------------------------------------------------------------- fresh processes
+
+
+def serve_worker(tasks: dict[str, Callable[..., dict]], payload: str) -> None:
+    """Worker side: run ``tasks[kind](**args)`` and print its result as one ``RESULT`` line.
+
+    A configuration that does not apply (e.g. a method restricted to other
+    backbone families) reports status "n/a" with the reason."""
+    task = json.loads(payload)
+    setup_torch()
+    try:
+        result = {"status": "ok", **tasks[task["kind"]](**task["args"])}
+    except DeltaVisionError as err:
+        result = {"status": "n/a", "reason": first_line(err)}
+    print(RESULT_TAG + json.dumps({**result, "load_avg": os.getloadavg()[0]}), flush=True)
+
+
+def run_script(args: argparse.Namespace, tasks: dict[str, Callable[..., dict]], benchmark: Callable[..., str]) -> None:
+    """A script's entry: serve ``--worker`` if given; else run ``benchmark`` (which writes the
+    outputs and returns the Markdown report), print the report and the wall time."""
+    if args.worker:
+        serve_worker(tasks, args.worker)
+        return
+    record = RunRecord()
+    print(benchmark(record))
+    progress(f"wrote {args.out} in {record.elapsed_min():.1f} min")
+
+
+def run_in_fresh_process(script: str, kind: str, **args) -> dict:
+    """Parent side: run ``script --worker`` for one task in a new interpreter; its result plus the wall time."""
+    payload = json.dumps({"kind": kind, "args": args})
+    started = time.perf_counter()
+    command = [sys.executable, str(Path(script).resolve()), "--worker", payload]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wall = {"wall_s": time.perf_counter() - started}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return {**json.loads(line[len(RESULT_TAG):]), **wall}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"status": "error", "reason": f"worker exit {proc.returncode}: {tail}", **wall}
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def describe_status(result: dict, detail: Callable[[dict], str]) -> str:
+    """A progress line for one worker result: ``detail(result)`` if it succeeded, else why not."""
+    if result["status"] != "ok":
+        return f"{result['status']} ({result['reason']})"
+    return f"{detail(result)} ({result['wall_s']:.0f} s wall)"
+
+
+# ---------------------------------------------------------------- command line and run record
+
+
+def base_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """--quick, --out and the hidden --worker every script takes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory (default benchmarks/results)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+@dataclass
+class RunRecord:
+    """Load average and wall time of a whole benchmark run, for the report header."""
+
+    load_start: float = field(default_factory=lambda: os.getloadavg()[0])
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed_min(self) -> float:
+        return (time.perf_counter() - self.started) / 60
+
+    def environment(self) -> str:
+        return (
+            f"Machine: {os.cpu_count()} CPU cores, {THREADS} torch threads, torch {torch.__version__}, "
+            f"timm {timm.__version__}, deltavision {deltavision.__version__}; 1-min load average "
+            f"{self.load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
+            f"date {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; "
+            f"wall time {self.elapsed_min():.1f} min."
+        )
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def ratio(numerator, denominator):
+    """numerator / denominator, or None if either is missing."""
+    return None if numerator is None or not denominator else numerator / denominator
+
+
+def markdown_table(headers: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
+
+
+def write_csv(records: list[dict], path: Path) -> None:
+    """One line per record; the columns are the union of the records' keys, in first-seen order."""
+    fields = list(dict.fromkeys(key for record in records for key in record))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
