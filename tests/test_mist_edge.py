@@ -14,7 +14,8 @@ import deltavision
 from deltavision.errors import AdapterFileError
 from deltavision.serve.cache import FeatureLRU
 from deltavision.serve.edge import EdgeConfig, EdgeNetwork, default_qkv_width, load_edge, save_edge
-from deltavision.serve.fit import FeatureSet, FitConfig, evaluate_edge, train_edge, warmup_then_cosine
+from deltavision.schedule import warmup_then_cosine
+from deltavision.serve.fit import FeatureSet, FitConfig, evaluate_edge, train_edge
 from deltavision.serve.store import FeatureStore
 from deltavision.serve.wire import PayloadError, pack, quantize_int8, to_float32, unpack
 

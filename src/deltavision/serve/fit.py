@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..schedule import warmup_then_cosine
 from .edge import EdgeNetwork
 from .store import FeatureStore
 
@@ -58,18 +59,6 @@ class FeatureSet:
         for start in range(0, len(self), batch_size):
             rows = order[start : start + batch_size].tolist()
             yield self.store.read(self.k, self.dtype, [self.hashes[i] for i in rows]), self.labels[rows]
-
-
-def warmup_then_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Learning-rate multiplier: rises linearly over ``warmup_steps``, then follows a half cosine to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 + 0.5 * math.cos(math.pi * done)
-
-    return factor
 
 
 def _optimizer(model: nn.Module, config: FitConfig) -> torch.optim.AdamW:

@@ -7,7 +7,6 @@ atomic checkpoint; ``resume=True`` continues after the last finished epoch.
 from __future__ import annotations
 
 import csv
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..model import set_train_mode
+from ..schedule import warmup_then_cosine
 from .checkpoint import load_checkpoint, save_checkpoint
 from .plots import plot_history
 
@@ -47,14 +47,6 @@ class TrainResult:
     @property
     def final(self) -> dict:
         return self.history[-1] if self.history else {}
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -92,7 +84,7 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = max(1, int(config.warmup_epochs * steps_per_epoch))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(warmup_steps, total_steps))
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     result, start_epoch = TrainResult(), 0
