@@ -5,11 +5,12 @@
   :func:`serve_worker`), so no allocator state, cache or peak carries over
   from another configuration. The worker prints one ``RESULT {json}`` line.
 * **Peak training memory** (:func:`peak_growth`): with the model and a fixed
-  random batch built, read the process's peak RSS
-  (``getrusage(RUSAGE_SELF).ru_maxrss``), create the optimizer, run a few
-  steps and report how far the peak grew: activations kept for backward,
-  gradients, AdamW state and framework buffers; the weights are part of the
-  baseline.
+  random batch built, read the process's peak RSS (VmHWM), create the
+  optimizer, run a few steps and report how far the peak grew: activations
+  kept for backward, gradients, AdamW state and framework buffers; the
+  weights are part of the baseline. Memory workers run with
+  :data:`EXACT_ALLOCATION_ENV`, so freed tensors leave the RSS at once and
+  the peak counts live memory, not the allocator's retained heap.
 * **Held memory** (:func:`held_rss_bytes`): the current RSS after garbage
   collection and ``malloc_trim``, for "what does this object keep alive".
 * **Interleaved timing** (:func:`interleaved_medians`): every round calls each
@@ -220,12 +221,22 @@ def run_script(args: argparse.Namespace, tasks: dict[str, Callable[..., dict]], 
     progress(f"wrote {args.out} in {record.elapsed_min():.1f} min")
 
 
-def run_in_fresh_process(script: str, kind: str, **args) -> dict:
-    """Parent side: run ``script --worker`` for one task in a new interpreter; its result plus the wall time."""
+# glibc keeps freed heap memory and, after the first free of a large block, serves blocks up
+# to 32 MiB from that heap: the process's RSS then follows fragmentation, not live tensors.
+# With this fixed threshold every block of 64 KiB or more is its own mapping, returned on free,
+# so the peak RSS is the peak of live memory: the CPU analogue of a GPU's max allocated memory.
+EXACT_ALLOCATION_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+
+
+def run_in_fresh_process(script: str, kind: str, exact_allocation: bool = False, **args) -> dict:
+    """Parent side: run ``script --worker`` for one task in a new interpreter; its result plus the wall time.
+
+    ``exact_allocation``: run it with :data:`EXACT_ALLOCATION_ENV` (for memory measurements)."""
     payload = json.dumps({"kind": kind, "args": args})
     started = time.perf_counter()
     command = [sys.executable, str(Path(script).resolve()), "--worker", payload]
-    proc = subprocess.run(command, capture_output=True, text=True)
+    env = {**os.environ, **EXACT_ALLOCATION_ENV} if exact_allocation else None
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = {"wall_s": time.perf_counter() - started}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):

@@ -136,7 +136,7 @@ def run_config(backbone: str, batch: int, setting: Setting, counter) -> list[dic
     rows = []
     for label in VARIANTS:
         result = run_in_fresh_process(
-            __file__, "memory", backbone=backbone, batch=batch, label=label,
+            __file__, "memory", exact_allocation=True, backbone=backbone, batch=batch, label=label,
             image_size=setting.image_size, steps=setting.memory_steps,
         )
         rows.append({"backbone": backbone, "batch": batch, "variant": label, **result})

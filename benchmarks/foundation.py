@@ -161,7 +161,9 @@ def run_backbone(backbone: str, methods: list[str], setting: Setting, counter) -
     """Memory per method (one process each), step times (one process), inference latency (one process)."""
     rows = []
     for method in methods:
-        result = run_in_fresh_process(__file__, "memory", backbone=backbone, method=method, setting=asdict(setting))
+        result = run_in_fresh_process(
+            __file__, "memory", exact_allocation=True, backbone=backbone, method=method, setting=asdict(setting)
+        )
         rows.append({"backbone": backbone, "method": method, **result})
         progress(f"{next(counter)} {backbone} / {method} memory: {describe(result)}")
     ok = [row["method"] for row in rows if row["status"] == "ok"]

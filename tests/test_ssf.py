@@ -204,3 +204,32 @@ def test_ssf_merge_really_changes_the_weights(family):
 def test_merge_of_a_plain_timm_model_is_a_type_error():
     with pytest.raises(TypeError, match="create_model"):
         deltavision.merge(timm.create_model(*TINY["vit"][:1], num_classes=NUM_CLASSES, **TINY["vit"][1]))
+
+
+def test_scale_shift_gradients_match_plain_autograd():
+    """SSF keeps its output for backward and recomputes its input: gradients equal plain autograd's."""
+    from deltavision.methods.ssf import ScaleShift
+
+    for shape, channel_dim in (((2, 7, 5), -1), ((2, 5, 3, 4), 1)):
+        layer = ScaleShift(5, channel_dim, init_std=0.3).double()
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(layer, (x,))
+        view = [1] * len(shape)
+        view[channel_dim] = -1
+        reference = x * layer.scale.view(view) + layer.shift.view(view)
+        assert torch.allclose(layer(x), reference)
+        grads = torch.autograd.grad(layer(x).square().sum(), (x, layer.scale, layer.shift))
+        expected = torch.autograd.grad(reference.square().sum(), (x, layer.scale, layer.shift))
+        for got, want in zip(grads, expected):
+            assert torch.allclose(got, want)
+
+
+def test_merge_restores_inplace_activation_on_efficientnet():
+    """While SSF trains, BatchNormAct2d's activation may not overwrite the SSF output; merge restores it."""
+    model = tiny_model("efficientnet", "ssf")
+    norm_acts = [m for m in model.modules() if isinstance(m, BatchNormAct2d)]
+    assert norm_acts and not any(getattr(m.act, "inplace", False) for m in norm_acts)
+    merged = deltavision.merge(model)
+    flags = [getattr(m, "inplace", None) for m in merged.modules()]
+    assert flags == [getattr(m, "inplace", None) for m in plain_tiny("efficientnet").modules()]
+    assert True in flags

@@ -165,23 +165,32 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def set_train_mode(model: nn.Module, training: bool = True) -> nn.Module:
-    """``model.train(training)``, but normalisation layers with frozen weights keep
-    their running statistics (eval mode): a frozen backbone stays frozen."""
+    """``model.train(training)``, but BatchNorms keep their running statistics (eval mode)
+    unless they train and the method trains whole layers (``full``, ``partial``): a frozen
+    backbone stays frozen, and a method that only shifts or scales features (BitFit, norm
+    tuning, adapters) adapts the features the pretrained statistics describe."""
     model.train(training)
     if training:
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                if not any(p.requires_grad for p in module.parameters(recurse=False)):
-                    module.eval()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not _updates_statistics(model, module):
+                module.eval()
     return model
 
 
+def _updates_statistics(model: nn.Module, norm: nn.Module) -> bool:
+    """Whether ``norm`` re-estimates its running statistics while ``model`` trains."""
+    if not any(p.requires_grad for p in norm.parameters(recurse=False)):
+        return False
+    spec = getattr(model, "deltavision", None)
+    return get_method(spec.method).batch_stats if isinstance(spec, ModelSpec) else True
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors: trainable parameters plus the running statistics of
-    normalisation layers that train (their buffers change with their weights)."""
+    """The trained tensors: trainable parameters plus the running statistics of the
+    BatchNorms that re-estimate them while training."""
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     for name, module in model.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _updates_statistics(model, module):
             for bname, buf in module.named_buffers(recurse=False):
                 state[f"{name}.{bname}" if name else bname] = buf.detach()
     return state

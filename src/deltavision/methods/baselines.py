@@ -29,7 +29,10 @@ class FullConfig:
     pass
 
 
-@register_method("full", FullConfig, "every weight of the backbone and the head", merge=_nothing_to_fold, default_lr=1e-3)
+@register_method(
+    "full", FullConfig, "every weight of the backbone and the head", merge=_nothing_to_fold, default_lr=1e-3,
+    batch_stats=True,
+)
 def apply_full(model: nn.Module, anatomy, config: FullConfig) -> None:
     unfreeze(model)
 
@@ -79,7 +82,8 @@ class PartialConfig:
 
 
 @register_method(
-    "partial", PartialConfig, "the last k blocks and the final norm", merge=_nothing_to_fold, default_lr=1e-3
+    "partial", PartialConfig, "the last k blocks and the final norm", merge=_nothing_to_fold, default_lr=1e-3,
+    batch_stats=True,
 )
 def apply_partial(model: nn.Module, anatomy, config: PartialConfig) -> None:
     if config.k > len(anatomy.blocks):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..anatomy.taps import transformer_branches
 from ..errors import IncompatibleMethodError, MethodOptionError
@@ -68,7 +69,9 @@ class DualLowRankLinear(nn.Module):
                 nn.init.kaiming_uniform_(s, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sum(F.linear(F.linear(x, t), s) for t, s in zip(self.t, self.s)) + self.bias
+        # s1 t1 + s2 t2 = [s1 s2] [t1; t2]: one product of rank 2 alpha instead of two and a sum
+        t, s = torch.cat(tuple(self.t)), torch.cat(tuple(self.s), dim=1)
+        return F.linear(F.linear(x, t), s, self.bias)
 
 
 class E3VAAdapter(nn.Module):
@@ -83,8 +86,16 @@ class E3VAAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.movedim(1, -1) if self.channel_dim == 1 else x
-        h = h + self.up(F.gelu(self.down(h)))
+        if torch.is_grad_enabled() and self.up.bias.requires_grad:
+            # Keep only the input for backward and recompute the (cheap, low-rank) branch there:
+            # the highway's saved activations are then one tensor per adapter.
+            h = h + checkpoint(self._branch, h, use_reentrant=False)
+        else:
+            h = h + self._branch(h)
         return h.movedim(-1, 1) if self.channel_dim == 1 else h
+
+    def _branch(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(F.gelu(self.down(h)))
 
 
 def _stage_norm(channels: int, layout: str) -> nn.Module:

@@ -86,7 +86,9 @@ def mona_parameter_count(channels: int, width: int = 64) -> int:
     return 4 * m + (2 * m * n + n + m) + (9 + 25 + 49) * n + 3 * n + (n * n + n)
 
 
-@register_method("mona", MonaConfig, "multi-cognitive convolutional adapters (two per transformer block)")
+@register_method(
+    "mona", MonaConfig, "multi-cognitive convolutional adapters (two per transformer block)", default_lr=1e-3
+)
 def apply_mona(model: nn.Module, anatomy, config: MonaConfig) -> None:
     for info, taps in zip(anatomy.blocks, install_taps(model, anatomy)):
         if info.kind == "transformer":

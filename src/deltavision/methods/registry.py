@@ -26,6 +26,9 @@ class MethodSpec:
     summary: str
     families: frozenset[str] | None  # None: every family
     default_lr: float = 1e-2  # AdamW step that suits the method under the default budget
+    # BatchNorms whose affine trains also re-estimate their running statistics. Only for methods
+    # that train whole layers (full, partial); the others adapt features the frozen statistics describe.
+    batch_stats: bool = False
 
     @property
     def folds(self) -> bool:
@@ -35,12 +38,15 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, config_cls: type, summary: str, merge=None, families=None, default_lr=1e-2):
+def register_method(
+    name: str, config_cls: type, summary: str, merge=None, families=None, default_lr=1e-2, batch_stats=False
+):
     """Decorator for a method's ``apply(model, anatomy, config)``."""
 
     def wrap(apply):
         _METHODS[name] = MethodSpec(
-            name, config_cls, apply, merge, summary, frozenset(families) if families else None, default_lr
+            name, config_cls, apply, merge, summary, frozenset(families) if families else None, default_lr,
+            batch_stats,
         )
         return apply
 

@@ -36,6 +36,43 @@ class SSFConfig:
     init_std: float = 0.02
 
 
+class _ScaleShiftFunction(torch.autograd.Function):
+    """y = scale * x + shift that keeps y, not x, for backward.
+
+    The next operation (GELU, attention, the next scale-shift) usually keeps y
+    anyway, so SSF adds no activation memory of its own; x = (y - shift) / scale
+    is recomputed for the scale's gradient (scale starts near 1 and stays away
+    from 0 in practice)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, channel_dim):
+        shape = _broadcast_shape(x.ndim, channel_dim)
+        y = torch.addcmul(shift.view(shape), x, scale.view(shape))
+        ctx.save_for_backward(y, scale, shift)
+        ctx.shape = shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, scale, shift = ctx.saved_tensors
+        shape = ctx.shape
+        reduce = [d for d, n in enumerate(shape) if n == 1]
+        grad_x = grad * scale.view(shape) if ctx.needs_input_grad[0] else None
+        grad_scale = grad_shift = None
+        if ctx.needs_input_grad[1]:
+            x = (y - shift.view(shape)) / scale.view(shape)
+            grad_scale = (grad * x).sum(reduce)
+        if ctx.needs_input_grad[2]:
+            grad_shift = grad.sum(reduce)
+        return grad_x, grad_scale, grad_shift, None
+
+
+def _broadcast_shape(ndim: int, channel_dim: int) -> list[int]:
+    shape = [1] * ndim
+    shape[channel_dim] = -1
+    return shape
+
+
 class ScaleShift(nn.Module):
     """Per-channel gamma * x + beta on the channel axis ``channel_dim``."""
 
@@ -46,9 +83,7 @@ class ScaleShift(nn.Module):
         self.shift = nn.Parameter(torch.empty(channels).normal_(0.0, init_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.ndim
-        shape[self.channel_dim] = -1
-        return x * self.scale.view(shape) + self.shift.view(shape)
+        return _ScaleShiftFunction.apply(x, self.scale, self.shift, self.channel_dim)
 
 
 class SSFWrapped(nn.Module):
@@ -59,6 +94,7 @@ class SSFWrapped(nn.Module):
         self.op = op
         self.ssf = ScaleShift(channels, channel_dim, init_std)
         self.fold_into_parent = fold_into_parent
+        self.act_was_inplace = False
 
     def forward(self, *args, **kwargs):
         return self.ssf(self.op(*args, **kwargs))
@@ -97,6 +133,8 @@ def _merge_ssf(model: nn.Module, anatomy) -> None:
     for name, wrapper in wrapped:
         target = model.get_submodule(name.rpartition(".")[0]) if wrapper.fold_into_parent else wrapper.op
         fold_scale_shift(target, wrapper.ssf.scale.detach(), wrapper.ssf.shift.detach())
+        if wrapper.act_was_inplace:
+            target.act.inplace = True
         set_module(model, name, wrapper.op)
 
 
@@ -113,7 +151,11 @@ def apply_ssf(model: nn.Module, anatomy, config: SSFConfig) -> None:
     for name, channels, channel_dim in ssf_targets(model, anatomy):
         module = model.get_submodule(name)
         if isinstance(module, BatchNormAct2d):
-            # Between the normalisation and its fused activation, not after the activation.
+            # Between the normalisation and its fused activation, not after the activation. The
+            # activation must not overwrite the scale-shift's output, which backward reuses.
             module.drop = SSFWrapped(module.drop, channels, 1, config.init_std, fold_into_parent=True)
+            if getattr(module.act, "inplace", False):
+                module.act.inplace = False
+                module.drop.act_was_inplace = True
         else:
             set_module(model, name, SSFWrapped(module, channels, channel_dim, config.init_std))
