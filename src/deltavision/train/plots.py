@@ -32,6 +32,7 @@ def plot_accuracy_vs_params(rows: list[dict], path: Path, title: str) -> None:
         ax.scatter(row["trainable"], row["top1"], s=40)
         ax.annotate(row["method"], (row["trainable"], row["top1"]), textcoords="offset points", xytext=(5, 4))
     ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.08)  # room for the labels of the outermost points
     ax.set(xlabel="trainable parameters (log scale)", ylabel="validation top-1 (%)", title=title)
     ax.grid(True, alpha=0.3)
     _save(fig, path)
