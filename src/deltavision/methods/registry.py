@@ -45,8 +45,8 @@ def register_method(
 
     def wrap(apply):
         _METHODS[name] = MethodSpec(
-            name, config_cls, apply, merge, summary, frozenset(families) if families else None, default_lr,
-            batch_stats,
+            name=name, config_cls=config_cls, apply=apply, merge=merge, summary=summary,
+            families=frozenset(families) if families else None, default_lr=default_lr, batch_stats=batch_stats,
         )
         return apply
 
