@@ -23,7 +23,7 @@ from deltavision.errors import (
 
 from conftest import CLASSIFIER, FAMILIES, NUM_CLASSES, TINY, random_images, tiny_model, trainable_names
 
-WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+WEIGHTS, CONFIG = "deltavision.safetensors", "deltavision.json"
 # the folding method with new modules, a baseline training biases only, one that re-estimates BN statistics
 ROUND_TRIP_METHODS = ("ssf", "bitfit", "partial")
 

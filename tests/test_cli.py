@@ -103,7 +103,7 @@ def corrupt_adapter(tmp_path_factory):
     """An embedded-backbone SSF adapter folder whose safetensors file is garbage."""
     model = deltavision.create_model(EMBEDDED, "ssf", 10, pretrained=False)
     directory = deltavision.save_adapter(model, tmp_path_factory.mktemp("cli") / "corrupt-adapter")
-    (directory / "adapter_model.safetensors").write_bytes(os.urandom(3000))
+    (directory / "deltavision.safetensors").write_bytes(os.urandom(3000))
     return directory
 
 
@@ -157,9 +157,9 @@ def test_cli_train_smoke(smoke_run):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "top-1" in result.stdout
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "deltavision.safetensors").is_file()
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((out / "adapter" / "deltavision.json").read_text())
     assert (config["backbone"], config["method"], config["num_classes"]) == (EMBEDDED, "ssf", 10)
     assert len((out / "log.csv").read_text().strip().splitlines()) == 2  # header + 1 epoch
 

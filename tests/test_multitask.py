@@ -167,7 +167,7 @@ def test_save_task_load_task_round_trip(multi, tmp_path):
     mt, _ = multi
     for method in TASKS:
         directory = mt.save_task(method, tmp_path / method)
-        config = json.loads((directory / "adapter_config.json").read_text())
+        config = json.loads((directory / "deltavision.json").read_text())
         assert config["backbone"] == VIT_NAME and config["method"] == method
         assert config["backbone_options"] == json.loads(json.dumps(VIT_OPTS))
         copy = mt.load_task(f"{method}-copy", directory)

@@ -14,6 +14,7 @@ import deltavision
 from deltavision.errors import AdapterFileError, ArtifactExistsError
 from deltavision.inference import evaluate_saved_adapter
 from deltavision.train import RunConfig, TrainConfig, run_training
+from deltavision.train.run import RunConflictError
 from deltavision.train import loop
 
 from conftest import TINY, file_snapshot
@@ -23,7 +24,9 @@ EPOCHS = 2
 
 
 def _config(data, out_dir, ckpt=None, **changes) -> RunConfig:
-    train = TrainConfig(epochs=changes.pop("epochs", EPOCHS), batch_size=16, lr=1e-2, progress=False, seed=3)
+    train = TrainConfig(
+        epochs=changes.pop("epochs", EPOCHS), batch_size=changes.pop("batch_size", 16), lr=1e-2, progress=False, seed=3
+    )
     config = RunConfig(
         backbone=VIT, method="ssf", data=str(data), out_dir=str(out_dir), image_size=32, pretrained=False,
         checkpoint=str(ckpt) if ckpt else None, backbone_options=VIT_OPTS, train=train,
@@ -54,8 +57,8 @@ def test_run_writes_log_plot_checkpoint_and_adapter(finished_run):
         assert 0.0 <= top1 <= top5 <= 100.0
         assert float(row["train_loss"]) > 0
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (out / "adapter" / "deltavision.safetensors").is_file()
+    config = json.loads((out / "adapter" / "deltavision.json").read_text())
     assert config["classes"] == [str(d) for d in range(10)] and config["num_classes"] == 10
     assert config["data"]["image_size"] == 32
     with safe_open(str(out / loop.CHECKPOINT), framework="pt") as handle:
@@ -114,7 +117,7 @@ def _run_seeded(config):
 
 
 def _adapter(out):
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(out / "adapter" / "deltavision.safetensors"))
 
 
 @pytest.mark.parametrize("augment", [False, True], ids=["no-augment", "augment"])
@@ -167,11 +170,26 @@ def test_corrupt_checkpoint_on_resume_is_an_adapter_file_error(damage, tmp_path,
         run_training(_config(digits_folder, out, backbone_checkpoint("vit"), resume=True))
 
 
-def test_resume_with_another_method_is_an_adapter_file_error(tmp_path, finished_run, digits_folder, backbone_checkpoint):
+def test_resume_with_another_method_is_refused_naming_it(tmp_path, finished_run, digits_folder, backbone_checkpoint):
     out = tmp_path / "run"
     shutil.copytree(finished_run[0], out)
+    with pytest.raises(RunConflictError, match="method: the run has 'ssf', asked 'bitfit'"):
+        run_training(_config(digits_folder, out, backbone_checkpoint("vit"), resume=True, method="bitfit"))
+
+
+def test_resume_without_a_run_file_still_checks_the_checkpoint(tmp_path, finished_run, digits_folder, backbone_checkpoint):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    (out / "run.json").unlink()
     with pytest.raises(AdapterFileError, match="does not fit"):
         run_training(_config(digits_folder, out, backbone_checkpoint("vit"), resume=True, method="bitfit"))
+
+
+def test_resume_with_another_batch_size_is_refused(tmp_path, finished_run, digits_folder, backbone_checkpoint):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    with pytest.raises(RunConflictError, match="train.batch_size: the run has 16, asked 32"):
+        run_training(_config(digits_folder, out, backbone_checkpoint("vit"), resume=True, batch_size=32))
 
 
 def test_resume_of_a_finished_run_trains_no_more(tmp_path, finished_run, digits_folder, backbone_checkpoint):

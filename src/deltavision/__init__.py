@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DeltaVisionError": "errors",
     "list_methods": "methods",
+    "adapt": "model",
     "count_parameters": "model",
     "create_model": "model",
     "load_adapter": "model",

@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import UnknownBackboneError, WeightsUnavailableError
 
-EMBEDDED_BACKBONE = "tf_efficientnet_lite0"
+from .defaults import EMBEDDED_BACKBONE  # noqa: F401  (re-exported)
 
 
 def check_backbone_name(name: str) -> None:

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .defaults import EMBEDDED_BACKBONE, EMBEDDED_DATA
 from .errors import DeltaVisionError
 
 app = typer.Typer(
@@ -32,15 +33,28 @@ console = Console()
 err_console = Console(stderr=True)
 
 BACKBONE_HELP = "timm model name, e.g. vit_base_patch16_224, swin_tiny_patch4_window7_224, tf_efficientnet_lite0."
-OPT_HELP = "Method option as key=value (repeatable), e.g. --opt k=2 for partial."
+OPT_HELP = "Method option as key=value (repeatable), e.g. --opt k=2 for partial; `deltavision methods` lists them."
+BACKBONE_OPT_HELP = "timm keyword argument as key=value (repeatable), e.g. --backbone-opt drop_path_rate=0.1."
 CHECKPOINT_HELP = "Local backbone weights (.safetensors/.pth) instead of the hub; needed offline."
 DATA_HELP = "An image folder (train/ and val/ subfolders, or class folders to split) or fashion-mnist, mnist5k, digits."
 
 
 def _options(pairs: Optional[List[str]]) -> dict:
-    from .methods.registry import parse_option_pairs
+    from .options import parse_pairs
 
-    return parse_option_pairs(pairs or [])
+    return parse_pairs(pairs)
+
+
+def _backbone_options(pairs: Optional[List[str]]) -> dict:
+    from .options import backbone_options
+
+    return backbone_options(pairs)
+
+
+def _given(name: str) -> bool:
+    """Whether the user gave option ``name`` on the command line (not its default)."""
+    source = typer.get_current_context().get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 @app.command()
@@ -61,12 +75,16 @@ def params(
     method: str = typer.Option(..., help="Tuning method (see `deltavision methods`)."),
     num_classes: int = typer.Option(..., min=1, help="Classes of the new head."),
     opt: Optional[List[str]] = typer.Option(None, help=OPT_HELP),
+    backbone_opt: Optional[List[str]] = typer.Option(None, help=BACKBONE_OPT_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
     """Count trainable and total parameters (builds the model with random weights; no download)."""
     from .model import count_parameters, create_model
 
-    model = create_model(backbone, method, num_classes, pretrained=False, **_options(opt))
+    model = create_model(
+        backbone, method, num_classes, pretrained=False, backbone_options=_backbone_options(backbone_opt),
+        **_options(opt),
+    )
     counts = count_parameters(model)
     counts["trainable_pct"] = round(100.0 * counts["trainable"] / counts["total"], 4)
     if as_json:
@@ -80,10 +98,11 @@ def params(
 
 @app.command()
 def train(
-    data: str = typer.Option(..., help=DATA_HELP),
-    backbone: str = typer.Option("tf_efficientnet_lite0", help=BACKBONE_HELP),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP + " Required unless --resume."),
+    backbone: str = typer.Option(EMBEDDED_BACKBONE, help=BACKBONE_HELP),
     method: str = typer.Option("ssf", help="Tuning method (see `deltavision methods`)."),
     opt: Optional[List[str]] = typer.Option(None, help=OPT_HELP),
+    backbone_opt: Optional[List[str]] = typer.Option(None, help=BACKBONE_OPT_HELP),
     out: Path = typer.Option(Path("runs/train"), help="Run folder: log.csv, curves.png, checkpoint, adapter/."),
     epochs: int = typer.Option(3, min=1),
     batch_size: int = typer.Option(32, min=1),
@@ -102,25 +121,59 @@ def train(
     overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Fine-tune a backbone on an image dataset; writes a log, a plot, checkpoints and the adapter."""
-    from .methods import get_method
-    from .train import RunConfig, TrainConfig, run_training
+    """Fine-tune a backbone on an image dataset; writes a log, a plot, checkpoints and the adapter.
+
+    With --resume, the run continues with the settings it started with (its run.json); a flag that
+    asks for another setting is refused.
+    """
+    from .train.loop import TrainConfig
+    from .train.run import RunConfig, run_training
 
     config = RunConfig(
-        backbone=backbone, method=method, data=data, out_dir=str(out), options=_options(opt),
+        backbone=backbone, method=method, data=data or "", out_dir=str(out), options=_options(opt),
         image_size=image_size, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit,
         pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None, augment=augment,
-        resume=resume, overwrite=overwrite,
+        backbone_options=_backbone_options(backbone_opt), resume=resume, overwrite=overwrite,
         train=TrainConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr or get_method(method).default_lr,
-            weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed,
+            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+            label_smoothing=label_smoothing, seed=seed,
         ),
     )
+    if resume:
+        config = _resumed_config(config)
+    if not config.data:
+        raise typer.BadParameter("--data is required (unless --resume continues a run that recorded it)")
     summary = run_training(config)
     console.print(
         f"[bold]{method}[/] on {backbone}: top-1 {summary['top1']:.2f}%, top-5 {summary['top5']:.2f}%, "
         f"{summary['trainable']:,} trainable parameters; adapter in {out / 'adapter'}"
     )
+
+
+TRAIN_FLAGS = {  # CLI parameter -> (RunConfig field, inside TrainConfig)
+    "data": ("data", False), "backbone": ("backbone", False), "method": ("method", False),
+    "opt": ("options", False), "backbone_opt": ("backbone_options", False), "image_size": ("image_size", False),
+    "val_fraction": ("val_fraction", False), "train_limit": ("train_limit", False),
+    "val_limit": ("val_limit", False), "augment": ("augment", False), "pretrained": ("pretrained", False),
+    "checkpoint": ("checkpoint", False), "epochs": ("epochs", True), "batch_size": ("batch_size", True),
+    "lr": ("lr", True), "weight_decay": ("weight_decay", True), "warmup_epochs": ("warmup_epochs", True),
+    "label_smoothing": ("label_smoothing", True), "seed": ("seed", True),
+}
+
+
+def _resumed_config(config):
+    """The run's recorded settings, with the flags the user gave on top (run_training refuses conflicts)."""
+    from dataclasses import replace
+
+    from .train.run import RUN_FILE, config_from_settings, read_run_settings
+
+    if not (Path(config.out_dir) / RUN_FILE).exists():
+        return config
+    saved = config_from_settings(read_run_settings(config.out_dir))
+    top = {f: getattr(config, f) for p, (f, inner) in TRAIN_FLAGS.items() if not inner and _given(p)}
+    inner = {f: getattr(config.train, f) for p, (f, nested) in TRAIN_FLAGS.items() if nested and _given(p)}
+    return replace(saved, **top, out_dir=config.out_dir, resume=True, overwrite=config.overwrite,
+                   train=replace(saved.train, **inner))
 
 
 @app.command("eval")
@@ -160,8 +213,8 @@ def merge(
 
 @app.command("compare")
 def compare_methods(
-    data: str = typer.Option("fashion-mnist", help=DATA_HELP),
-    backbone: str = typer.Option("tf_efficientnet_lite0", help=BACKBONE_HELP),
+    data: str = typer.Option(EMBEDDED_DATA, help=DATA_HELP),
+    backbone: str = typer.Option(EMBEDDED_BACKBONE, help=BACKBONE_HELP),
     method: Optional[List[str]] = typer.Option(None, help="Methods to compare (repeatable) [default: all]."),
     out: Path = typer.Option(Path("runs/compare"), help="Folder for runs, compare.md/.csv and the plot."),
     epochs: int = typer.Option(3, min=1),

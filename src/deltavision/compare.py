@@ -16,12 +16,13 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from .backbones import EMBEDDED_BACKBONE
+from .defaults import EMBEDDED_BACKBONE, EMBEDDED_DATA
 from .errors import DeltaVisionError, IncompatibleMethodError
 from .io import atomic_write, load_json, save_json
 from .methods import get_method, list_methods
 from .model import method_misfit
-from .train import RunConfig, TrainConfig, run_training
+from .train.loop import TrainConfig
+from .train.run import RunConfig, resolve_run, run_training, settings_json
 from .train.plots import plot_accuracy_vs_params
 
 SUMMARY = "summary.json"
@@ -31,7 +32,7 @@ COLUMNS = ("method", "trainable", "trainable_pct", "top1", "top5", "train_second
 @dataclass
 class CompareConfig:
     backbone: str = EMBEDDED_BACKBONE
-    data: str = "fashion-mnist"
+    data: str = EMBEDDED_DATA
     methods: tuple[str, ...] = ()
     out_dir: str = "runs/compare"
     image_size: int | None = 64
@@ -40,7 +41,7 @@ class CompareConfig:
     augment: bool = False  # a 3-epoch budget on small images learns faster without it
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
-    lr: dict[str, float] = field(default_factory=dict)
+    lr: dict[str, float] = field(default_factory=dict)  # per method; unset: the method's default_lr
     pretrained: bool = True
     checkpoint: str | None = None
     overwrite: bool = False
@@ -89,7 +90,7 @@ def compare(config: CompareConfig, on_result=None, on_skip=None) -> list[dict[st
 
 
 def _run_config(config: CompareConfig, method: str, run_dir: Path) -> RunConfig:
-    train = replace(config.train, lr=config.lr.get(method, default_lr(method)), progress=config.train.progress)
+    train = replace(config.train, lr=config.lr.get(method), progress=config.train.progress)
     return RunConfig(
         backbone=config.backbone,
         method=method,
@@ -107,18 +108,13 @@ def _run_config(config: CompareConfig, method: str, run_dir: Path) -> RunConfig:
     )
 
 
-def default_lr(method: str) -> float:
-    """Full fine-tuning moves every weight and wants a smaller step than the PEFT methods."""
-    return get_method(method).default_lr
-
-
 def _finished(run_dir: Path, run_config: RunConfig) -> dict[str, Any] | None:
     """The summary of an earlier run with exactly these settings, if there is one."""
     try:
         row = load_json(run_dir / SUMMARY)
     except DeltaVisionError:
         return None
-    same = row.get("config") == json.loads(json.dumps(asdict(run_config)))
+    same = row.get("config") == settings_json(resolve_run(run_config))
     return row if same else None
 
 

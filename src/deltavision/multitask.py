@@ -21,6 +21,7 @@ from torch import nn
 
 from .backbones import create_backbone
 from .errors import AdapterFileError, DeltaVisionError, IncompatibleMethodError
+from .methods import get_method, list_methods
 from .model import adapt, load_adapter, read_adapter_config, save_adapter
 
 
@@ -48,16 +49,18 @@ class MultiTaskModel(nn.Module):
         """Attach a new adapter named ``name`` and make it active; return its model."""
         if name in self.tasks:
             raise DeltaVisionError(f"task {name!r} exists already; remove_task it first")
-        model = self._shared_copy()
-        model.reset_classifier(num_classes)
-        adapt(model, self.backbone_name, method, self.backbone_options, **method_options)
-        shared = self._backbone_tensor_ids()
-        if any(p.requires_grad and id(p) in shared for p in model.parameters()):
-            self.backbone.requires_grad_(False)  # the refused method unfroze shared tensors
+        if not get_method(method).shares_backbone:
+            sharing = ", ".join(m for m in list_methods() if get_method(m).shares_backbone)
             raise IncompatibleMethodError(
                 f"method {method!r} trains the backbone's own tensors, so tasks cannot share one backbone; "
-                "use adapter methods (houlsby, adaptformer, mona, lora, vpt) or separate models"
+                f"use one of {sharing}, or separate models"
             )
+        model = self._shared_copy()
+        model.reset_classifier(num_classes)
+        model = adapt(model, self.backbone_name, method, self.backbone_options, **method_options)
+        shared = self._backbone_tensor_ids()
+        if any(p.requires_grad and id(p) in shared for p in model.parameters()):
+            raise AssertionError(f"method {method!r} claims to share the backbone but trains its tensors")
         model.deltavision_shared_backbone = True
         self.tasks[name] = model
         self.active = name

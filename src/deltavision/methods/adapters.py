@@ -72,7 +72,7 @@ class HoulsbyConfig:
         _check_width("houlsby", self.width)
 
 
-@register_method("houlsby", HoulsbyConfig, "bottleneck adapters after MSA and MLP (Houlsby)")
+@register_method("houlsby", HoulsbyConfig, "bottleneck adapters after MSA and MLP (Houlsby)", owns="dv_taps")
 def apply_houlsby(model: nn.Module, anatomy, config: HoulsbyConfig) -> None:
     for info, taps in zip(anatomy.blocks, install_taps(model, anatomy)):
         for branch in _branch_names(info):
@@ -88,7 +88,7 @@ class AdaptFormerConfig:
         _check_width("adaptformer", self.width)
 
 
-@register_method("adaptformer", AdaptFormerConfig, "scaled bottleneck beside every MLP (AdaptFormer)")
+@register_method("adaptformer", AdaptFormerConfig, "scaled bottleneck beside every MLP (AdaptFormer)", owns="dv_taps")
 def apply_adaptformer(model: nn.Module, anatomy, config: AdaptFormerConfig) -> None:
     for info, taps in zip(anatomy.blocks, install_taps(model, anatomy)):
         if not info.has_skip:

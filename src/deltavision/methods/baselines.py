@@ -31,7 +31,7 @@ class FullConfig:
 
 @register_method(
     "full", FullConfig, "every weight of the backbone and the head", merge=_nothing_to_fold, default_lr=1e-3,
-    batch_stats=True,
+    batch_stats=True, structure_free=True, shares_backbone=False,
 )
 def apply_full(model: nn.Module, anatomy, config: FullConfig) -> None:
     unfreeze(model)
@@ -42,7 +42,9 @@ class LinearConfig:
     pass
 
 
-@register_method("linear", LinearConfig, "the classifier only (linear probing)", merge=_nothing_to_fold)
+@register_method(
+    "linear", LinearConfig, "the classifier only (linear probing)", merge=_nothing_to_fold, structure_free=True
+)
 def apply_linear(model: nn.Module, anatomy, config: LinearConfig) -> None:
     """Only the classifier trains; create_model unfreezes it."""
 
@@ -52,7 +54,10 @@ class BitFitConfig:
     pass
 
 
-@register_method("bitfit", BitFitConfig, "every bias term (BitFit)", merge=_nothing_to_fold)
+@register_method(
+    "bitfit", BitFitConfig, "every bias term (BitFit)", merge=_nothing_to_fold, structure_free=True,
+    shares_backbone=False,
+)
 def apply_bitfit(model: nn.Module, anatomy, config: BitFitConfig) -> None:
     for _, module in body_named_modules(model, anatomy):
         bias = getattr(module, "bias", None)
@@ -65,7 +70,10 @@ class NormConfig:
     pass
 
 
-@register_method("norm", NormConfig, "affine weights of every normalisation layer", merge=_nothing_to_fold)
+@register_method(
+    "norm", NormConfig, "affine weights of every normalisation layer", merge=_nothing_to_fold, structure_free=True,
+    shares_backbone=False,
+)
 def apply_norm(model: nn.Module, anatomy, config: NormConfig) -> None:
     for _, module in body_named_modules(model, anatomy):
         if isinstance(module, NORM_TYPES):
@@ -83,7 +91,7 @@ class PartialConfig:
 
 @register_method(
     "partial", PartialConfig, "the last k blocks and the final norm", merge=_nothing_to_fold, default_lr=1e-3,
-    batch_stats=True,
+    batch_stats=True, shares_backbone=False,
 )
 def apply_partial(model: nn.Module, anatomy, config: PartialConfig) -> None:
     if config.k > len(anatomy.blocks):

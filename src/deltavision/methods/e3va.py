@@ -210,7 +210,9 @@ def _e3va_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.forward_head(self.bn2(self.conv_head(e)))
 
 
-@register_method("e3va", E3VAConfig, "gradient highway of dual low-rank adapters beside the frozen backbone (E3VA)")
+@register_method(
+    "e3va", E3VAConfig, "gradient highway of dual low-rank adapters beside the frozen backbone (E3VA)", owns="e3va"
+)
 def apply_e3va(model: nn.Module, anatomy, config: E3VAConfig) -> None:
     model.dv_e3va = Highway(model, anatomy, config.rank, config.dense)
     object.__setattr__(model, "dv_e3va_anatomy", anatomy)

@@ -151,7 +151,7 @@ def _merge_lora(model: nn.Module, anatomy) -> None:
         set_module(model, name, module.base)
 
 
-@register_method("lora", LoRAConfig, "low-rank updates of q and v (LoRA); merges into the weights", merge=_merge_lora)
+@register_method("lora", LoRAConfig, "low-rank updates of q and v (LoRA); merges into the weights", merge=_merge_lora, owns="lora_")
 def apply_lora(model: nn.Module, anatomy, config: LoRAConfig) -> None:
     targets = config.targets or DEFAULT_TARGETS[anatomy.family]
     plan, matched = [], set()

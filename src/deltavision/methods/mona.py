@@ -8,6 +8,10 @@ One Mona module on a stream x of width m, inner width n (64):
     d  = d + PW1x1(d)                          aggregation
     x' = x + W_up(dropout(GELU(d)))            n -> m
 
+Initialisation as the official code's (its backbones' ``_init_weights``): the
+down- and up-projection weights trunc-normal with std 0.02, their biases zero;
+the convolutions keep PyTorch's defaults.
+
 Parameters (Eq. 6): 4m (LN and scales) + 2mn + n + m (projections)
 + (9 + 25 + 49) n + 3n (depth-wise) + n^2 + n (1x1) per module.
 
@@ -70,6 +74,9 @@ class Mona(nn.Module):
         self.act = nn.GELU()
         self.dropout = nn.Dropout(dropout)
         self.up = nn.Linear(width, channels)
+        for projection in (self.down, self.up):
+            nn.init.trunc_normal_(projection.weight, std=0.02)
+            nn.init.zeros_(projection.bias)
 
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         stream = to_channels_last(x, grid)
@@ -87,7 +94,8 @@ def mona_parameter_count(channels: int, width: int = 64) -> int:
 
 
 @register_method(
-    "mona", MonaConfig, "multi-cognitive convolutional adapters (two per transformer block)", default_lr=1e-3
+    "mona", MonaConfig, "multi-cognitive convolutional adapters (two per transformer block)", default_lr=1e-3,
+    owns="dv_taps",
 )
 def apply_mona(model: nn.Module, anatomy, config: MonaConfig) -> None:
     for info, taps in zip(anatomy.blocks, install_taps(model, anatomy)):

@@ -146,7 +146,7 @@ def fold_scale_shift(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor
     module.bias.mul_(scale).add_(shift)
 
 
-@register_method("ssf", SSFConfig, "scale and shift after every op; folds into the weights", merge=_merge_ssf)
+@register_method("ssf", SSFConfig, "scale and shift after every op; folds into the weights", merge=_merge_ssf, owns="ssf")
 def apply_ssf(model: nn.Module, anatomy, config: SSFConfig) -> None:
     for name, channels, channel_dim in ssf_targets(model, anatomy):
         module = model.get_submodule(name)

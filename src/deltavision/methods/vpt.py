@@ -71,7 +71,7 @@ class PromptReplace(nn.Module):
         return torch.cat([x[:, :start], prompts, x[:, stop:]], dim=1)
 
 
-@register_method("vpt", VPTConfig, "learnable prompt tokens, shallow or deep (VPT)", families={"vit"})
+@register_method("vpt", VPTConfig, "learnable prompt tokens, shallow or deep (VPT)", families={"vit"}, owns="prompts")
 def apply_vpt(model: nn.Module, anatomy, config: VPTConfig) -> None:
     channels, prefix = anatomy.blocks[0].width, anatomy.num_prefix_tokens
     first = _prompt(config.num_tokens, channels, anatomy.patch_size)

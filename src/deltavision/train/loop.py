@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..model import set_train_mode
 from ..schedule import warmup_then_cosine
 from .checkpoint import load_checkpoint, save_checkpoint
 from .plots import plot_history
@@ -31,7 +30,7 @@ PLOT = "curves.png"
 class TrainConfig:
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float | None = None  # None: the method's default, settled by train.run.resolve_run
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.1
@@ -47,6 +46,20 @@ class TrainResult:
     @property
     def final(self) -> dict:
         return self.history[-1] if self.history else {}
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (see :func:`parameter_groups`) at ``config.lr``."""
+    if config.lr is None:
+        raise ValueError("TrainConfig.lr is unset: resolve the run first (deltavision.train.resolve_run)")
+    return torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
+
+
+def make_schedule(optimizer, config: TrainConfig, steps_per_epoch: int, epochs: int | None = None):
+    """Linear warm-up over ``config.warmup_epochs``, then a half cosine to zero, stepped per batch."""
+    total_steps = steps_per_epoch * (config.epochs if epochs is None else epochs)
+    warmup_steps = max(1, int(config.warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(warmup_steps, total_steps))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -80,11 +93,9 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
     val_loader = DataLoader(val_set, batch_size=max(64, config.batch_size))
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
+    optimizer = make_optimizer(model, config)
     steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = max(1, int(config.warmup_epochs * steps_per_epoch))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(warmup_steps, total_steps))
+    schedule = make_schedule(optimizer, config, steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     result, start_epoch = TrainResult(), 0
@@ -96,6 +107,8 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(start_epoch * steps_per_epoch):
                 schedule.step()
+        if config.progress:
+            tqdm.write(f"resuming at epoch {min(start_epoch + 1, config.epochs)} of {config.epochs}")
 
     for epoch in range(start_epoch, config.epochs):
         generator.manual_seed(config.seed + epoch)  # same batches and augmentations, resumed or not
@@ -120,7 +133,7 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
 
 
 def _train_one_epoch(model, loader, optimizer, schedule, criterion, epoch, config) -> float:
-    set_train_mode(model, True)
+    model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not config.progress)
     for images, labels in bar:

@@ -1,23 +1,40 @@
-"""One training run from a declarative config: model, data, loop, saved adapter."""
+"""One training run from a declarative config: settings resolved once, model, data, loop, saved adapter.
+
+:func:`resolve_run` settles every default (the method's learning rate, the
+backbone's input size and normalisation, typed method options) in one place,
+so the CLI, ``compare`` and ``run_training`` train identically. The resolved
+settings are written to ``run.json`` in the run folder before training; a
+resumed run and ``deltavision eval`` read them back, so they see exactly the
+run's data split and training settings.
+"""
 
 from __future__ import annotations
 
+import json
+import platform
 import resource
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.data import resolve_data_config
 
-from ..data import build_datasets
-from ..errors import ArtifactExistsError
+from .. import __version__
+from ..errors import ArtifactExistsError, DeltaVisionError
+from ..io import load_json, save_json
 from ..methods import get_method, make_config
-from ..model import count_parameters, create_model, save_adapter
+from ..options import config_options
 from .loop import CHECKPOINT, TrainConfig, train
 
 ADAPTER_DIR = "adapter"
+RUN_FILE = "run.json"
+# Settings that do not change what a run computes, so a resume may differ in them.
+FREE_ON_RESUME = ("resume", "overwrite", "out_dir", "progress")
+
+
+class RunConflictError(DeltaVisionError):
+    """A resumed run was asked for settings other than the ones it started with."""
 
 
 @dataclass
@@ -57,31 +74,102 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def run_training(config: RunConfig) -> dict[str, Any]:
-    """Train as configured; return a summary with parameters, accuracy, time and peak memory."""
+def resolve_run(config: RunConfig) -> RunConfig:
+    """``config`` with every default settled: learning rate, typed options, input size, normalisation.
+
+    Fails on an unknown method, backbone or option before any data or weights load.
+    """
+    spec = get_method(config.method)
+    options = config_options(make_config(spec, config.options))
+    lr = config.train.lr if config.train.lr is not None else spec.default_lr
+    image_size = config.image_size or data_settings(config.backbone, config.backbone_options)["image_size"]
+    return replace(
+        config, options=options, image_size=image_size, backbone_options=dict(config.backbone_options or {}),
+        train=replace(config.train, lr=lr),
+    )
+
+
+def data_settings(backbone: str, backbone_options: dict[str, Any] | None, image_size: int | None = None) -> dict:
+    """Input size and normalisation from the backbone's pretrained config (no weights needed)."""
+    import timm
+    from timm.data import resolve_data_config
+
+    from ..backbones import check_backbone_name
+
+    check_backbone_name(backbone)
+    probe = timm.create_model(backbone, pretrained=False, num_classes=0, **(backbone_options or {}))
+    resolved = resolve_data_config(model=probe)
+    size = image_size or resolved["input_size"][-1]
+    return {"image_size": size, "mean": list(resolved["mean"]), "std": list(resolved["std"])}
+
+
+def settings_json(config: RunConfig) -> dict[str, Any]:
+    """The resolved settings as JSON (what run.json and the adapter config record)."""
+    return json.loads(json.dumps(asdict(config)))
+
+
+def config_from_settings(settings: dict[str, Any]) -> RunConfig:
+    """Inverse of :func:`settings_json`."""
+    known = {f.name for f in fields(RunConfig)}
+    values = {k: v for k, v in settings.items() if k in known}
+    values["train"] = TrainConfig(**{k: v for k, v in settings.get("train", {}).items()
+                                     if k in {f.name for f in fields(TrainConfig)}})
+    return RunConfig(**values)
+
+
+def read_run_settings(out_dir: str | Path) -> dict[str, Any]:
+    """The resolved settings a run folder was started with."""
+    return load_json(Path(out_dir) / RUN_FILE)["settings"]
+
+
+def check_resume(config: RunConfig, saved: dict[str, Any]) -> None:
+    """Refuse to resume a run with settings other than its own, naming each difference."""
+    ours, diffs = settings_json(config), []
+    for key, value in saved.items():
+        if key == "train":
+            diffs += [(f"train.{k}", v, ours["train"].get(k)) for k, v in value.items()
+                      if k not in FREE_ON_RESUME and ours["train"].get(k) != v]
+        elif key not in FREE_ON_RESUME and ours.get(key) != value:
+            diffs.append((key, value, ours.get(key)))
+    if diffs:
+        listed = "; ".join(f"{k}: the run has {saved_v!r}, asked {ours_v!r}" for k, saved_v, ours_v in diffs)
+        raise RunConflictError(
+            f"cannot resume {config.out_dir} with other settings ({listed}); drop those flags to resume "
+            "with the run's own settings, or start a new run with --overwrite"
+        )
+
+
+def run_training(config: RunConfig, on_data=None) -> dict[str, Any]:
+    """Train as configured; return a summary with parameters, accuracy, time and peak memory.
+
+    ``on_data(splits)`` is called once the data is read (the CLI prints its size).
+    """
+    from ..data import build_datasets
+    from ..model import count_parameters, create_model, save_adapter
+
     out_dir = Path(config.out_dir)
     _check_output_free(out_dir, config)
-    make_config(get_method(config.method), config.options)  # bad method or option: fail before loading data
-    data_cfg = _data_config(config)
+    config = resolve_run(config)
+    if config.resume and (out_dir / RUN_FILE).exists():
+        check_resume(config, read_run_settings(out_dir))
+    data_cfg = data_settings(config.backbone, config.backbone_options, config.image_size)
     splits = build_datasets(
-        config.data,
-        image_size=data_cfg["image_size"],
-        mean=data_cfg["mean"],
-        std=data_cfg["std"],
-        val_fraction=config.val_fraction,
-        train_limit=config.train_limit,
-        val_limit=config.val_limit,
-        augment=config.augment,
-        seed=config.train.seed,
+        config.data, image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
+        val_fraction=config.val_fraction, train_limit=config.train_limit, val_limit=config.val_limit,
+        augment=config.augment, seed=config.train.seed,
     )
+    if on_data:
+        on_data(splits)
     torch.manual_seed(config.train.seed)  # the same seed rebuilds the same head, adapter and random backbone
     model = create_model(
         config.backbone, config.method, len(splits.classes), pretrained=config.pretrained,
         checkpoint=config.checkpoint, backbone_options=config.backbone_options or None, **config.options,
     )
+    _write_run_file(out_dir, config, data_cfg)
     rss_before = peak_rss_bytes()
     result = train(model, splits.train, splits.val, config.train, out_dir, resume=config.resume)
-    extra = {"classes": splits.classes, "data": data_cfg, "source": config.data, "seed": config.train.seed}
+    extra = {"classes": splits.classes, "data": data_cfg, "source": config.data, "seed": config.train.seed,
+             "run": settings_json(config)}
     save_adapter(model, out_dir / ADAPTER_DIR, extra=extra)
     return {
         "backbone": config.backbone,
@@ -96,17 +184,15 @@ def run_training(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def _data_config(config: RunConfig) -> dict[str, Any]:
-    """Input size and normalisation from the backbone's pretrained config (no weights needed)."""
-    import timm
+def _write_run_file(out_dir: Path, config: RunConfig, data_cfg: dict) -> None:
+    versions = {"deltavision": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import timm
 
-    from ..backbones import check_backbone_name
-
-    check_backbone_name(config.backbone)
-    probe = timm.create_model(config.backbone, pretrained=False, num_classes=0, **(config.backbone_options or {}))
-    resolved = resolve_data_config(model=probe)
-    size = config.image_size or resolved["input_size"][-1]
-    return {"image_size": size, "mean": list(resolved["mean"]), "std": list(resolved["std"])}
+        versions["timm"] = timm.__version__
+    except ImportError:
+        pass
+    save_json({"versions": versions, "settings": settings_json(config), "data": data_cfg}, out_dir / RUN_FILE)
 
 
 def _check_output_free(out_dir: Path, config: RunConfig) -> None:

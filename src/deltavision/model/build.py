@@ -1,0 +1,127 @@
+"""Building deltavision models: a timm backbone, a method applied to it, a fresh head; and merging back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..anatomy import Anatomy, describe
+from ..anatomy.core import family_of
+from ..backbones import create_backbone
+from ..errors import IncompatibleMethodError
+from ..methods import get_method, make_config
+from ..methods.base import MethodSpec
+from ..methods.common import get_module, unfreeze
+from ..options import config_options
+from .modes import keep_statistics, release_all
+from .state import ModelSpec, spec_of
+
+
+def create_model(
+    backbone: str,
+    method: str,
+    num_classes: int,
+    pretrained: bool = True,
+    checkpoint: str | Path | None = None,
+    backbone_options: dict[str, Any] | None = None,
+    **method_options: Any,
+) -> nn.Module:
+    """A timm ``backbone`` with ``method`` applied and a ``num_classes`` head.
+
+    Only the method's parameters and the classifier require gradients. The
+    model carries its :class:`ModelSpec` as ``model.deltavision``.
+    """
+    spec = get_method(method)
+    config = make_config(spec, method_options)  # a bad option fails before any weights load
+    model = create_backbone(
+        backbone, num_classes, pretrained=pretrained, checkpoint=checkpoint, options=backbone_options
+    )
+    fresh_head = not (pretrained or checkpoint) or num_classes != model.pretrained_cfg.get("num_classes")
+    return _apply(model, backbone, spec, config, backbone_options, zero_head=fresh_head)
+
+
+def adapt(
+    model: nn.Module,
+    backbone: str,
+    method: str,
+    backbone_options: dict[str, Any] | None = None,
+    zero_head: bool = True,
+    **method_options,
+) -> nn.Module:
+    """Apply ``method`` to a built timm ``model``: freeze it, add the method, free the classifier.
+
+    Returns the adapted model: ``model`` itself, or the wrapper that owns it for
+    a method with a forward of its own (E3VA). A new classifier starts at zero
+    (``zero_head``): timm's initialisation for some families (EfficientNet's
+    uniform 1/sqrt(classes)) gives large first logits on un-normalised
+    features, which slows linear probing badly.
+    """
+    spec = get_method(method)
+    return _apply(model, backbone, spec, make_config(spec, method_options), backbone_options, zero_head)
+
+
+def _apply(model, backbone: str, spec: MethodSpec, config, backbone_options, zero_head: bool) -> nn.Module:
+    anatomy = _anatomy_for(model, spec, backbone)
+    model.requires_grad_(False)
+    classifier = get_module(model, anatomy.classifier)
+    adapted = spec.apply(model, anatomy, config) or model
+    if zero_head:
+        for param in classifier.parameters():
+            nn.init.zeros_(param)
+    unfreeze(classifier)
+    keep_statistics(adapted, spec.batch_stats)
+    adapted.deltavision = ModelSpec(
+        backbone, spec.name, model.num_classes, config_options(config), dict(backbone_options or {})
+    )
+    return adapted
+
+
+def method_misfit(backbone: str, method: str, backbone_options: dict[str, Any] | None = None) -> str | None:
+    """Why ``method`` cannot be applied to ``backbone`` (None if it can); builds no weights."""
+    import timm
+
+    spec = get_method(method)
+    if spec.structure_free:
+        return None
+    return spec.misfit(family_of(timm.create_model(backbone, pretrained=False, **(backbone_options or {}))), backbone)
+
+
+def _anatomy_for(model: nn.Module, spec: MethodSpec, backbone: str) -> Anatomy:
+    """The backbone's anatomy; structure-free methods also accept families deltavision does not know."""
+    family = family_of(model)
+    reason = spec.misfit(family, f"{backbone} ({type(model).__name__})")
+    if reason:
+        raise IncompatibleMethodError(reason)
+    if family is not None:
+        return describe(model)
+    classifier = model.pretrained_cfg.get("classifier", "head")
+    body = tuple(n for n, _ in model.named_children() if n != classifier.split(".")[0])
+    return Anatomy("unknown", "unknown", 0, body, (), (), (), classifier)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the method into the backbone's weights and return the plain timm model.
+
+    The result has the untouched backbone's modules and parameter count and
+    the same eval-mode outputs. Methods that add inference-time structure
+    cannot be merged and raise :class:`IncompatibleMethodError`.
+    """
+    spec = spec_of(model)
+    method = get_method(spec.method)
+    if getattr(model, "deltavision_shared_backbone", False):
+        raise IncompatibleMethodError(
+            "this task shares its backbone with other tasks, and merging would change them all; "
+            "load its adapter on its own with load_adapter, then merge"
+        )
+    if not method.folds:
+        raise IncompatibleMethodError(
+            f"method {spec.method!r} adds modules that cannot be folded into the backbone; "
+            "save it with save_adapter and load it with load_adapter instead"
+        )
+    plain = method.merge(model, _anatomy_for(model, method, spec.backbone)) or model
+    del plain.deltavision
+    release_all(plain)
+    plain.requires_grad_(True)
+    return plain
