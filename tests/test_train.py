@@ -5,6 +5,7 @@ import json
 import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -207,3 +208,35 @@ def test_bad_method_option_fails_before_writing_anything(tmp_path, digits_folder
     with pytest.raises(deltavision.errors.MethodOptionError):
         run_training(_config(digits_folder, out, options={"nope": "1"}))
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def flat_digits(tmp_path_factory):
+    """Real digits in the flat class-folder layout (split by --val-fraction), 10 per class."""
+    from sklearn.datasets import load_digits
+
+    from deltavision.data import write_image_folder
+
+    digits = load_digits()
+    keep = np.concatenate([np.flatnonzero(digits.target == c)[:10] for c in range(10)])
+    root = tmp_path_factory.mktemp("assets") / "flat"
+    return write_image_folder(root, digits.images[keep], digits.target[keep], [str(c) for c in range(10)], split=False)
+
+
+def test_eval_scores_exactly_the_runs_validation_split(tmp_path, flat_digits, backbone_checkpoint):
+    """A run with its own seed and validation fraction: eval rebuilds that split, not the defaults'."""
+    out = tmp_path / "seeded"
+    config = _config(flat_digits, out, backbone_checkpoint("vit"), epochs=1, val_fraction=0.3)
+    run_training(replace(config, train=replace(config.train, seed=1)))
+    metrics = evaluate_saved_adapter(out / "adapter", None, 64, None, backbone_checkpoint("vit"), False)
+    last = _read_log(out)[-1]
+    assert metrics["images"] == 30 and metrics["warnings"] == []
+    assert metrics["val_loss"] == pytest.approx(float(last["val_loss"]), rel=1e-5)
+    assert json.loads((out / "run.json").read_text())["settings"]["train"]["seed"] == 1
+
+
+def test_eval_on_other_data_warns_that_it_is_not_the_runs_split(finished_run, three_class_folder, digits_folder,
+                                                                  backbone_checkpoint):
+    out, _ = finished_run
+    metrics = evaluate_saved_adapter(out / "adapter", None, 64, 5, backbone_checkpoint("vit"), False)
+    assert metrics["images"] == 5 and "differs from the run's" in metrics["warnings"][0]

@@ -186,14 +186,19 @@ def evaluate_adapter(
     pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
-    """Top-1/top-5 of a trained adapter on a dataset's validation split."""
+    """Top-1/top-5 of a trained adapter on exactly its run's validation images (the run's split settings)."""
     from .inference import evaluate_saved_adapter
 
     metrics = evaluate_saved_adapter(adapter, data, batch_size, val_limit, checkpoint, pretrained)
+    for warning in metrics["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(metrics))
     else:
-        console.print(f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on {metrics['images']} images")
+        console.print(
+            f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on {metrics['images']} validation images "
+            f"of {metrics['data']}", highlight=False,
+        )
 
 
 @app.command()

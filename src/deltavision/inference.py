@@ -17,14 +17,29 @@ from .train.loop import evaluate
 def evaluate_saved_adapter(
     adapter: Path, data: str | None, batch_size: int, val_limit: int | None, checkpoint, pretrained: bool
 ) -> dict[str, Any]:
+    """Top-1/top-5 of a saved adapter on exactly its run's validation images.
+
+    The split is rebuilt from the run's resolved settings (source, seed,
+    validation fraction, limits, input size, normalisation). ``data`` or
+    ``val_limit`` other than the run's change what is scored: the result then
+    carries a ``warning`` saying how.
+    """
     config = read_adapter_config(adapter)
-    data_cfg = config.get("data")
-    source = data or config.get("source")
-    if not data_cfg or not source:
+    run = config.get("run") or _legacy_run_settings(config)
+    if not run.get("data") or not config.get("data"):
         raise AdapterFileError(f"{adapter} has no data settings; pass --data and train it with `deltavision train`")
+    warnings = []
+    source = data or run["data"]
+    if source != run["data"]:
+        warnings.append(f"scoring on {source}, not the run's data ({run['data']}): these are not its validation images")
+    limit = run.get("val_limit") if val_limit is None else val_limit
+    if limit != run.get("val_limit"):
+        warnings.append(f"--val-limit {val_limit} differs from the run's {run.get('val_limit')}: a different subset")
+    data_cfg = config["data"]
     splits = build_datasets(
         source, image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"],
-        val_limit=val_limit, augment=False,
+        val_fraction=run.get("val_fraction", 0.2), train_limit=run.get("train_limit"), val_limit=limit,
+        augment=False, seed=run.get("train", {}).get("seed", config.get("seed", 0)),
     )
     if len(splits.classes) != config["num_classes"]:
         raise DataError(
@@ -32,7 +47,12 @@ def evaluate_saved_adapter(
         )
     model = load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint)
     metrics = evaluate(model, DataLoader(splits.val, batch_size=batch_size), progress=True)
-    return {**metrics, "images": len(splits.val)}
+    return {**metrics, "images": len(splits.val), "data": source, "warnings": warnings}
+
+
+def _legacy_run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What an adapter saved before run settings were recorded says about its split."""
+    return {"data": config.get("source"), "val_fraction": 0.2, "train": {"seed": config.get("seed", 0)}}
 
 
 def merge_saved_adapter(adapter: Path, out: Path, checkpoint, pretrained: bool, overwrite: bool) -> str:
