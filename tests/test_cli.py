@@ -263,3 +263,38 @@ def test_user_error_exits_2_with_one_error_line(case, error_cases):
         assert file_snapshot(folder) == snapshot, "an existing output was modified"
     # no failing command leaves a run folder or a merged file behind (cwd of every case is `scratch`)
     assert sorted(p.name for p in scratch.iterdir()) == ["existing.safetensors"]
+
+
+@pytest.mark.slow
+def test_cli_run_training_and_compare_train_identically(smoke_run, digits_folder, tmp_path):
+    """Defaults (the method's learning rate included) are resolved once: the CLI's run, run_training with
+    the same settings and compare's configuration for that method agree, down to the loss curve."""
+    from dataclasses import replace
+
+    from deltavision.compare import CompareConfig, _run_config
+    from deltavision.train.run import resolve_run, settings_json
+
+    out, result = smoke_run
+    assert result.returncode == 0, result.stderr
+    cli_settings = json.loads((out / "run.json").read_text())["settings"]
+    assert cli_settings["train"]["lr"] == deltavision.methods.get_method("ssf").default_lr
+
+    api = RunConfig(backbone=EMBEDDED, method="ssf", data=str(digits_folder), out_dir=str(tmp_path / "api"),
+                    image_size=32, train_limit=40, val_limit=20,
+                    train=TrainConfig(epochs=1, batch_size=8, progress=False))
+    summary = run_training(api)
+    api_settings = json.loads((tmp_path / "api" / "run.json").read_text())["settings"]
+    free = ("out_dir", "resume", "overwrite")
+    same = lambda s: {k: v for k, v in s.items() if k not in free} | {"train": {**s["train"], "progress": None}}
+    assert same(api_settings) == same(cli_settings)
+    assert summary["train_loss"] == pytest.approx(float(_last_log_row(out)["train_loss"]), rel=1e-6)
+
+    compare = CompareConfig(data=str(digits_folder), image_size=32, train_limit=40, val_limit=20, augment=True,
+                            train=TrainConfig(epochs=1, batch_size=8, progress=False))
+    compared = settings_json(resolve_run(_run_config(compare, "ssf", tmp_path / "cmp")))
+    assert same(compared) == same(cli_settings)
+
+
+def _last_log_row(out):
+    header, *rows = (out / "log.csv").read_text().strip().splitlines()
+    return dict(zip(header.split(","), rows[-1].split(",")))
