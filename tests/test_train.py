@@ -102,10 +102,10 @@ def _crash_in_epoch(monkeypatch, crash_epoch):
     """Make the loop die at the start of 0-based ``crash_epoch``, as a killed process would."""
     real = loop._train_one_epoch
 
-    def dying(model, loader, optimizer, schedule, criterion, epoch, config):
+    def dying(run, loader, epoch):
         if epoch == crash_epoch:
             raise SimulatedCrash(f"killed in epoch {epoch + 1}")
-        return real(model, loader, optimizer, schedule, criterion, epoch, config)
+        return real(run, loader, epoch)
 
     monkeypatch.setattr(loop, "_train_one_epoch", dying)
 

@@ -75,7 +75,8 @@ def timm_reference_state_dict() -> dict[str, torch.Tensor]:
     """An untrained timm model's state dict: the names, order and shapes to convert to."""
     import timm
 
-    return timm.create_model(EMBEDDED_BACKBONE, pretrained=False).state_dict()
+    with torch.random.fork_rng(devices=[]):  # converting must not change the caller's random stream
+        return timm.create_model(EMBEDDED_BACKBONE, pretrained=False).state_dict()
 
 
 def convert_to_timm_naming(

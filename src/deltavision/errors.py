@@ -40,3 +40,7 @@ class DataError(DeltaVisionError):
 
 class ArtifactExistsError(DeltaVisionError):
     """Refusing to overwrite an existing output."""
+
+
+class NonFiniteLossError(DeltaVisionError):
+    """Training produced a NaN or infinite loss."""

@@ -31,6 +31,8 @@ class MethodSpec:
       (methods that train whole layers); the others adapt features the frozen statistics describe;
     - ``default_lr``: the AdamW step that suits it under the default budget;
     - ``owns``: the name fragment that marks the tensors it adds (empty: it adds none);
+    - ``backprops_backbone``: gradients flow back through the backbone (False for E3VA and linear
+      probing, whose backbone runs without autograd's bookkeeping for it);
     - ``merge``: folds it into the backbone's weights (None: it cannot be folded).
     """
 
@@ -45,6 +47,7 @@ class MethodSpec:
     batch_stats: bool = False
     default_lr: float = 1e-2
     owns: str = ""
+    backprops_backbone: bool = True
 
     @property
     def folds(self) -> bool:

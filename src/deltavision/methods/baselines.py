@@ -43,7 +43,8 @@ class LinearConfig:
 
 
 @register_method(
-    "linear", LinearConfig, "the classifier only (linear probing)", merge=_nothing_to_fold, structure_free=True
+    "linear", LinearConfig, "the classifier only (linear probing)", merge=_nothing_to_fold, structure_free=True,
+    backprops_backbone=False,
 )
 def apply_linear(model: nn.Module, anatomy, config: LinearConfig) -> None:
     """Only the classifier trains; create_model unfreezes it."""

@@ -211,7 +211,8 @@ def _e3va_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 @register_method(
-    "e3va", E3VAConfig, "gradient highway of dual low-rank adapters beside the frozen backbone (E3VA)", owns="e3va"
+    "e3va", E3VAConfig, "gradient highway of dual low-rank adapters beside the frozen backbone (E3VA)", owns="e3va",
+    backprops_backbone=False,
 )
 def apply_e3va(model: nn.Module, anatomy, config: E3VAConfig) -> None:
     model.dv_e3va = Highway(model, anatomy, config.rank, config.dense)

@@ -48,5 +48,6 @@ def load_checkpoint(path: Path, model, optimizer: torch.optim.Optimizer) -> dict
     for key, value in tensors.items():
         if key.startswith(OPTIM_PREFIX):
             name, _, slot = key[len(OPTIM_PREFIX) :].rpartition("/")
-            optimizer.state[params[name]][slot] = value
+            param = params[name]
+            optimizer.state[param][slot] = value if slot == "step" else value.to(param.device)
     return state

@@ -1,12 +1,19 @@
 """The training loop: AdamW, warm-up then cosine, label smoothing, top-1/top-5.
 
-Each epoch ends with a validation pass, a CSV row, a refreshed PNG plot and an
-atomic checkpoint; ``resume=True`` continues after the last finished epoch.
+Device- and precision-agnostic (:mod:`.device`), data-parallel when launched
+by torchrun (:mod:`.distributed`), with gradient accumulation and data-loader
+workers. Each epoch ends with a validation pass, a CSV row, a refreshed PNG
+plot and an atomic checkpoint, written by the main process only;
+``resume=True`` continues after the last finished epoch. A non-finite loss
+stops the run with :class:`~deltavision.errors.NonFiniteLossError`, keeping
+the last good checkpoint. Imports no timm: the MIST edge trainer uses it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -14,11 +21,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
+from ..errors import NonFiniteLossError
 from ..schedule import warmup_then_cosine
 from .checkpoint import load_checkpoint, save_checkpoint
+from .device import autocast, check_precision, grad_scaler, resolve_device
+from .distributed import World, all_sum, barrier, setup
 from .plots import plot_history
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -29,13 +40,21 @@ PLOT = "curves.png"
 @dataclass
 class TrainConfig:
     epochs: int = 3
-    batch_size: int = 32
+    batch_size: int = 32  # per process; the global batch is batch_size x processes x grad_accum
     lr: float | None = None  # None: the method's default, settled by train.run.resolve_run
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.1
     seed: int = 0
     progress: bool = True
+    device: str = "auto"
+    precision: str = "fp32"
+    grad_accum: int = 1
+    workers: int = 0
+
+    def __post_init__(self):
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be at least 1, got {self.grad_accum}")
 
 
 @dataclass
@@ -73,79 +92,170 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, progress: bool = False) -> dict:
-    """Mean cross-entropy, top-1 and top-5 accuracy (percent) over ``loader``."""
+def evaluate(model: nn.Module, loader, progress: bool = False, device: torch.device | None = None,
+             precision: str = "fp32", world: World = World()) -> dict:
+    """Mean cross-entropy, top-1 and top-5 accuracy (percent) over ``loader`` (summed over processes)."""
+    device = device or next(model.parameters()).device
     model.eval()
     loss_sum, top1, top5, seen = 0.0, 0, 0, 0
     for images, labels in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        logits = model(images)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)
+        logits = logits.float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         best = logits.topk(min(5, logits.shape[1]), dim=1).indices
         top1 += (best[:, 0] == labels).sum().item()
         top5 += (best == labels[:, None]).any(dim=1).sum().item()
         seen += labels.numel()
+    loss_sum, top1, top5, seen = all_sum([loss_sum, top1, top5, seen], world, device)
     return {"val_loss": loss_sum / seen, "top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen}
 
 
-def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Path, resume: bool = False) -> TrainResult:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
-    val_loader = DataLoader(val_set, batch_size=max(64, config.batch_size))
-    optimizer = make_optimizer(model, config)
-    steps_per_epoch = len(train_loader)
-    schedule = make_schedule(optimizer, config, steps_per_epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+@dataclass
+class _Run:
+    """What one training run holds while it trains."""
 
+    model: nn.Module
+    net: nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    device: torch.device
+    world: World
+    config: TrainConfig
+
+
+def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Path, resume: bool = False) -> TrainResult:
+    """Train ``model`` in place on ``train_set``, validating on ``val_set`` after every epoch."""
+    out_dir = Path(out_dir)
+    device = resolve_device(config.device)
+    check_precision(device, config.precision)
+    world = setup(device)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    net, model = model, getattr(model, "_orig_mod", model)  # torch.compile'd: save the module it wraps
+    model.to(device)
+    sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed)
+    train_loader = _loader(train_set, config, device, sampler=sampler)
+    val_loader = _loader(Subset(val_set, range(world.rank, len(val_set), world.size)), config, device,
+                         batch_size=max(64, config.batch_size))
+    optimizer = make_optimizer(model, config)
+    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
+    run = _Run(
+        model=model, net=_data_parallel(net, device, world), optimizer=optimizer,
+        schedule=make_schedule(optimizer, config, steps_per_epoch), scaler=grad_scaler(device, config.precision),
+        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), device=device, world=world,
+        config=config,
+    )
     result, start_epoch = TrainResult(), 0
     checkpoint = out_dir / CHECKPOINT
     if resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint, model, optimizer)
-        start_epoch, result.history, result.train_seconds = state["epoch"], state["history"], state["train_seconds"]
-        with warnings.catch_warnings():  # fast-forwarding the schedule, not skipping a step
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start_epoch * steps_per_epoch):
-                schedule.step()
-        if config.progress:
-            tqdm.write(f"resuming at epoch {min(start_epoch + 1, config.epochs)} of {config.epochs}")
+        start_epoch = _resume(run, checkpoint, result, steps_per_epoch)
 
     for epoch in range(start_epoch, config.epochs):
-        generator.manual_seed(config.seed + epoch)  # same batches and augmentations, resumed or not
-        torch.manual_seed(config.seed + epoch)
+        sampler.set_epoch(epoch)  # the same shuffling in every process, resumed or not
+        torch.manual_seed(config.seed + epoch)  # the same augmentations, resumed or not
         started = time.perf_counter()
-        train_loss = _train_one_epoch(model, train_loader, optimizer, schedule, criterion, epoch, config)
+        train_loss = _train_one_epoch(run, train_loader, epoch)
         result.train_seconds += time.perf_counter() - started
-        row = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(model, val_loader), "lr": schedule.get_last_lr()[0]}
+        metrics = evaluate(model, val_loader, device=device, precision=config.precision, world=world)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics, "lr": run.schedule.get_last_lr()[0]}
         result.history.append(row)
-        save_checkpoint(
-            checkpoint, model, optimizer,
-            {"epoch": epoch + 1, "history": result.history, "train_seconds": result.train_seconds},
-        )
-        _write_log(out_dir / LOG, result.history)
-        plot_history(result.history, out_dir / PLOT)
-        if config.progress:
-            tqdm.write(
-                f"epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f}, "
-                f"val top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%"
-            )
+        if world.is_main:
+            _save_epoch(run, out_dir, result)
+        barrier(world)
     return result
 
 
-def _train_one_epoch(model, loader, optimizer, schedule, criterion, epoch, config) -> float:
-    model.train()
-    total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not config.progress)
-    for images, labels in bar:
-        loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+def _loader(dataset, config: TrainConfig, device: torch.device, sampler=None, batch_size: int | None = None):
+    return DataLoader(
+        dataset, batch_size=batch_size or config.batch_size, sampler=sampler, num_workers=config.workers,
+        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+    )
+
+
+def _data_parallel(model: nn.Module, device: torch.device, world: World) -> nn.Module:
+    if not world.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _resume(run: _Run, checkpoint: Path, result: TrainResult, steps_per_epoch: int) -> int:
+    state = load_checkpoint(checkpoint, run.model, run.optimizer)
+    result.history, result.train_seconds = state["history"], state["train_seconds"]
+    with warnings.catch_warnings():  # fast-forwarding the schedule, not skipping a step
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(state["epoch"] * steps_per_epoch):
+            run.schedule.step()
+    if run.config.progress and run.world.is_main:
+        tqdm.write(f"resuming at epoch {min(state['epoch'] + 1, run.config.epochs)} of {run.config.epochs}")
+    return state["epoch"]
+
+
+def _save_epoch(run: _Run, out_dir: Path, result: TrainResult) -> None:
+    row = result.history[-1]
+    save_checkpoint(
+        out_dir / CHECKPOINT, run.model, run.optimizer,
+        {"epoch": row["epoch"], "history": result.history, "train_seconds": result.train_seconds},
+    )
+    _write_log(out_dir / LOG, result.history)
+    plot_history(result.history, out_dir / PLOT)
+    if run.config.progress:
+        tqdm.write(
+            f"epoch {row['epoch']}/{run.config.epochs}: train loss {row['train_loss']:.4f}, "
+            f"val top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%"
+        )
+
+
+def _train_one_epoch(run: _Run, loader, epoch: int) -> float:
+    """One pass over this process's shard; returns the mean training loss over every process."""
+    run.net.train()
+    config, total, count = run.config, 0.0, 0
+    show = config.progress and run.world.is_main
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not show)
+    batches = len(loader)
+    for index, (images, labels) in enumerate(bar):
+        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+        last_of_step = (index + 1) % config.grad_accum == 0 or index + 1 == batches
+        with _sync_gradients(run.net, last_of_step):
+            with autocast(run.device, config.precision):
+                loss = run.criterion(run.net(images).float(), labels)
+            _check_finite(loss, run.world, run.device, epoch, index)
+            run.scaler.scale(loss / _micro_batches_in_step(index, batches, config.grad_accum)).backward()
+        if last_of_step:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.schedule.step()
         total += loss.item() * labels.numel()
         count += labels.numel()
         bar.set_postfix(loss=f"{total / count:.4f}")
+    total, count = all_sum([total, count], run.world, run.device)
     return total / max(1, count)
+
+
+def _micro_batches_in_step(index: int, batches: int, accum: int) -> int:
+    """How many micro-batches the optimizer step containing batch ``index`` averages over."""
+    first = index - index % accum
+    return min(accum, batches - first)
+
+
+def _sync_gradients(net: nn.Module, sync: bool):
+    """DDP averages gradients only on a step's last micro-batch."""
+    return net.no_sync() if isinstance(net, DistributedDataParallel) and not sync else contextlib.nullcontext()
+
+
+def _check_finite(loss: torch.Tensor, world: World, device: torch.device, epoch: int, index: int) -> None:
+    bad = 0.0 if torch.isfinite(loss).item() else 1.0
+    if world.distributed:
+        bad = all_sum([bad], world, device)[0]
+    if bad:
+        raise NonFiniteLossError(
+            f"the training loss became non-finite ({loss.item()}) at epoch {epoch + 1}, batch {index + 1}; "
+            "the last finished epoch's checkpoint is kept. Try a lower --lr (or --precision fp32)"
+        )
 
 
 def _write_log(path: Path, history: list[dict]) -> None:

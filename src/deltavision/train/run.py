@@ -25,12 +25,16 @@ from ..errors import ArtifactExistsError, DeltaVisionError
 from ..io import load_json, save_json
 from ..methods import get_method, make_config
 from ..options import config_options
+from .device import check_precision, resolve_device
+from .distributed import setup
 from .loop import CHECKPOINT, TrainConfig, train
 
 ADAPTER_DIR = "adapter"
 RUN_FILE = "run.json"
 # Settings that do not change what a run computes, so a resume may differ in them.
-FREE_ON_RESUME = ("resume", "overwrite", "out_dir", "progress")
+FREE_ON_RESUME = (
+    "resume", "overwrite", "out_dir", "progress", "device", "workers", "channels_last", "grad_checkpointing", "compile"
+)
 
 
 class RunConflictError(DeltaVisionError):
@@ -54,6 +58,9 @@ class RunConfig:
     augment: bool = True
     resume: bool = False
     overwrite: bool = False
+    channels_last: bool = False
+    grad_checkpointing: bool = False
+    compile: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -165,12 +172,18 @@ def run_training(config: RunConfig, on_data=None) -> dict[str, Any]:
         config.backbone, config.method, len(splits.classes), pretrained=config.pretrained,
         checkpoint=config.checkpoint, backbone_options=config.backbone_options or None, **config.options,
     )
-    _write_run_file(out_dir, config, data_cfg)
+    device = resolve_device(config.train.device)
+    check_precision(device, config.train.precision)
+    world = setup(device)
+    net = prepare_model(model, config)
+    if world.is_main:
+        _write_run_file(out_dir, config, data_cfg, device, world)
     rss_before = peak_rss_bytes()
-    result = train(model, splits.train, splits.val, config.train, out_dir, resume=config.resume)
+    result = train(net, splits.train, splits.val, config.train, out_dir, resume=config.resume)
     extra = {"classes": splits.classes, "data": data_cfg, "source": config.data, "seed": config.train.seed,
              "run": settings_json(config)}
-    save_adapter(model, out_dir / ADAPTER_DIR, extra=extra)
+    if world.is_main:
+        save_adapter(model.cpu(), out_dir / ADAPTER_DIR, extra=extra)
     return {
         "backbone": config.backbone,
         "method": config.method,
@@ -184,15 +197,41 @@ def run_training(config: RunConfig, on_data=None) -> dict[str, Any]:
     }
 
 
-def _write_run_file(out_dir: Path, config: RunConfig, data_cfg: dict) -> None:
-    versions = {"deltavision": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import timm
+def prepare_model(model: torch.nn.Module, config: RunConfig) -> torch.nn.Module:
+    """Channels-last memory, timm's gradient checkpointing and torch.compile, as asked.
 
-        versions["timm"] = timm.__version__
-    except ImportError:
-        pass
-    save_json({"versions": versions, "settings": settings_json(config), "data": data_cfg}, out_dir / RUN_FILE)
+    Gradient checkpointing recomputes the backbone's activations for its
+    gradients; a method that never backpropagates through the backbone (E3VA,
+    linear probing) has none to save, so asking for it there is refused.
+    """
+    spec = get_method(config.method)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if config.grad_checkpointing:
+        if not spec.backprops_backbone:
+            raise RunConflictError(
+                f"--grad-checkpointing saves memory of the backbone's backward pass, which {config.method} "
+                "never runs; drop the flag"
+            )
+        backbone = getattr(model, "backbone", model)
+        if not hasattr(backbone, "set_grad_checkpointing"):
+            raise RunConflictError(f"{config.backbone} does not support gradient checkpointing in timm")
+        backbone.set_grad_checkpointing(True)
+    return torch.compile(model) if config.compile else model
+
+
+def _write_run_file(out_dir: Path, config: RunConfig, data_cfg: dict, device: torch.device, world) -> None:
+    """run.json: versions, where and how the run ran, and every resolved setting."""
+    import timm
+
+    versions = {"deltavision": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                "python": platform.python_version()}
+    train_cfg = config.train
+    how = {"device": str(device), "precision": train_cfg.precision, "world_size": world.size,
+           "batch_per_device": train_cfg.batch_size, "grad_accum": train_cfg.grad_accum,
+           "global_batch": train_cfg.batch_size * world.size * train_cfg.grad_accum}
+    save_json({"versions": versions, "run": how, "settings": settings_json(config), "data": data_cfg},
+              out_dir / RUN_FILE)
 
 
 def _check_output_free(out_dir: Path, config: RunConfig) -> None:
