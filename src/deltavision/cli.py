@@ -34,6 +34,8 @@ err_console = Console(stderr=True)
 
 BACKBONE_HELP = "timm model name, e.g. vit_base_patch16_224, swin_tiny_patch4_window7_224, tf_efficientnet_lite0."
 OPT_HELP = "Method option as key=value (repeatable), e.g. --opt k=2 for partial; `deltavision methods` lists them."
+DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
+PRECISION_HELP = "fp32, bf16 (autocast; works on CPUs too) or fp16 (autocast + gradient scaling; GPUs only)."
 BACKBONE_OPT_HELP = "timm keyword argument as key=value (repeatable), e.g. --backbone-opt drop_path_rate=0.1."
 CHECKPOINT_HELP = "Local backbone weights (.safetensors/.pth) instead of the hub; needed offline."
 DATA_HELP = "An image folder (train/ and val/ subfolders, or class folders to split) or fashion-mnist, mnist5k, digits."
@@ -51,9 +53,9 @@ def _backbone_options(pairs: Optional[List[str]]) -> dict:
     return backbone_options(pairs)
 
 
-def _given(name: str) -> bool:
+def _given(ctx: typer.Context, name: str) -> bool:
     """Whether the user gave option ``name`` on the command line (not its default)."""
-    source = typer.get_current_context().get_parameter_source(name)
+    source = ctx.get_parameter_source(name)
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
@@ -98,6 +100,7 @@ def params(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Optional[str] = typer.Option(None, help=DATA_HELP + " Required unless --resume."),
     backbone: str = typer.Option(EMBEDDED_BACKBONE, help=BACKBONE_HELP),
     method: str = typer.Option("ssf", help="Tuning method (see `deltavision methods`)."),
@@ -120,6 +123,13 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out after its last finished epoch."),
     overwrite: bool = typer.Option(False, help="Replace an existing run in --out."),
     seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step (global batch = batch x processes x this)."),
+    workers: int = typer.Option(0, min=0, help="DataLoader worker processes (pinned memory on CUDA)."),
+    channels_last: bool = typer.Option(False, help="Channels-last memory layout (faster convolutions on GPUs)."),
+    grad_checkpointing: bool = typer.Option(False, help="Recompute backbone activations in backward (timm's; less memory)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
 ) -> None:
     """Fine-tune a backbone on an image dataset; writes a log, a plot, checkpoints and the adapter.
 
@@ -134,13 +144,15 @@ def train(
         image_size=image_size, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit,
         pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None, augment=augment,
         backbone_options=_backbone_options(backbone_opt), resume=resume, overwrite=overwrite,
+        channels_last=channels_last, grad_checkpointing=grad_checkpointing, compile=compile,
         train=TrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-            label_smoothing=label_smoothing, seed=seed,
+            label_smoothing=label_smoothing, seed=seed, device=device, precision=precision, grad_accum=grad_accum,
+            workers=workers,
         ),
     )
     if resume:
-        config = _resumed_config(config)
+        config = _resumed_config(ctx, config)
     if not config.data:
         raise typer.BadParameter("--data is required (unless --resume continues a run that recorded it)")
     summary = run_training(config)
@@ -157,11 +169,14 @@ TRAIN_FLAGS = {  # CLI parameter -> (RunConfig field, inside TrainConfig)
     "val_limit": ("val_limit", False), "augment": ("augment", False), "pretrained": ("pretrained", False),
     "checkpoint": ("checkpoint", False), "epochs": ("epochs", True), "batch_size": ("batch_size", True),
     "lr": ("lr", True), "weight_decay": ("weight_decay", True), "warmup_epochs": ("warmup_epochs", True),
-    "label_smoothing": ("label_smoothing", True), "seed": ("seed", True),
+    "label_smoothing": ("label_smoothing", True), "seed": ("seed", True), "device": ("device", True),
+    "precision": ("precision", True), "grad_accum": ("grad_accum", True), "workers": ("workers", True),
+    "channels_last": ("channels_last", False), "grad_checkpointing": ("grad_checkpointing", False),
+    "compile": ("compile", False),
 }
 
 
-def _resumed_config(config):
+def _resumed_config(ctx: typer.Context, config):
     """The run's recorded settings, with the flags the user gave on top (run_training refuses conflicts)."""
     from dataclasses import replace
 
@@ -170,8 +185,8 @@ def _resumed_config(config):
     if not (Path(config.out_dir) / RUN_FILE).exists():
         return config
     saved = config_from_settings(read_run_settings(config.out_dir))
-    top = {f: getattr(config, f) for p, (f, inner) in TRAIN_FLAGS.items() if not inner and _given(p)}
-    inner = {f: getattr(config.train, f) for p, (f, nested) in TRAIN_FLAGS.items() if nested and _given(p)}
+    top = {f: getattr(config, f) for p, (f, inner) in TRAIN_FLAGS.items() if not inner and _given(ctx, p)}
+    inner = {f: getattr(config.train, f) for p, (f, nested) in TRAIN_FLAGS.items() if nested and _given(ctx, p)}
     return replace(saved, **top, out_dir=config.out_dir, resume=True, overwrite=config.overwrite,
                    train=replace(saved.train, **inner))
 

@@ -1,0 +1,5 @@
+"""``python -m deltavision`` (and ``torchrun -m deltavision train ...``) runs the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,139 @@
+"""Data-parallel training with two CPU processes (gloo), launched by torchrun as users launch it.
+
+A tiny ViT without BatchNorm, LoRA, fixed data (no augmentation): two processes with batch 4 take
+the same optimizer steps as one process with the global batch of 8.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY
+
+VIT, VIT_OPTS = TINY["vit"]
+TIMEOUT = 300
+
+
+def _train_args(data, out, checkpoint, batch_size, epochs=2):
+    opts = [f"--backbone-opt={k}={v}" for k, v in VIT_OPTS.items()]
+    return ["train", "--data", str(data), "--out", str(out), "--backbone", VIT, *opts, "--method", "lora",
+            "--checkpoint", str(checkpoint), "--image-size", "32", "--no-augment", "--train-limit", "48",
+            "--batch-size", str(batch_size), "--epochs", str(epochs), "--seed", "5", "--device", "cpu"]
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def _torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "deltavision", *map(str, args)]
+
+
+def _single(*args):
+    return [sys.executable, "-m", "deltavision", *map(str, args)]
+
+
+def _run(command, cwd):
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, digits_folder, backbone_checkpoint):
+    root = tmp_path_factory.mktemp("ddp")
+    checkpoint = backbone_checkpoint("vit")
+    _run(_torchrun(*_train_args(digits_folder, root / "ddp", checkpoint, batch_size=4)), root)
+    _run(_single(*_train_args(digits_folder, root / "single", checkpoint, batch_size=8)), root)
+    return root, checkpoint
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_the_global_batch(runs):
+    root, _ = runs
+    ddp = load_file(str(root / "ddp" / "adapter" / "deltavision.safetensors"))
+    single = load_file(str(root / "single" / "adapter" / "deltavision.safetensors"))
+    assert ddp.keys() == single.keys() and any("lora_b" in k for k in ddp)
+    worst = max((ddp[k] - single[k]).abs().max().item() for k in ddp)
+    assert worst < 1e-5, worst
+    assert any(ddp[k].abs().max() > 0 for k in ddp if "lora_b" in k)  # it trained
+
+
+@pytest.mark.slow
+def test_validation_counts_every_image_once_and_metrics_agree(runs):
+    root, _ = runs
+    ddp_log = (root / "ddp" / "log.csv").read_text().splitlines()
+    single_log = (root / "single" / "log.csv").read_text().splitlines()
+    assert ddp_log[0] == single_log[0]
+    for ddp_row, single_row in zip(ddp_log[1:], single_log[1:]):
+        for a, b in zip(ddp_row.split(","), single_row.split(",")):
+            assert float(a) == pytest.approx(float(b), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_and_run_json_records_the_world(runs):
+    root, _ = runs
+    names = sorted(p.name for p in (root / "ddp").iterdir())
+    assert names == ["adapter", "checkpoint.safetensors", "curves.png", "log.csv", "run.json"]
+    leftovers = [p.name for p in (root / "ddp").rglob("*") if p.name.startswith(".")]
+    assert leftovers == []
+    how = json.loads((root / "ddp" / "run.json").read_text())["run"]
+    assert how == {"device": "cpu", "precision": "fp32", "world_size": 2, "batch_per_device": 4, "grad_accum": 1,
+                   "global_batch": 8}
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_run_resumes_from_its_last_epoch(runs, digits_folder, tmp_path):
+    root, checkpoint = runs
+    out = tmp_path / "killed"
+    args = _train_args(digits_folder, out, checkpoint, batch_size=4, epochs=12)
+    process = subprocess.Popen(_torchrun(*args), env=_env(), cwd=tmp_path, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "checkpoint.safetensors").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    for pid in _descendants(process.pid) + [process.pid]:  # torchrun's workers may sit in sessions of their own
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=60)
+    time.sleep(0.5)
+    done = len((out / "log.csv").read_text().splitlines()) - 1
+    assert 1 <= done < 12, f"killed after {done} epochs"
+    result = _run(_torchrun(*args, "--resume"), tmp_path)
+    assert f"resuming at epoch {done + 1} of 12" in result.stderr + result.stdout
+    epochs = [int(line.split(",")[0]) for line in (out / "log.csv").read_text().splitlines()[1:]]
+    assert epochs == list(range(1, 13))
+    single = _run(_single(*_train_args(digits_folder, tmp_path / "whole", checkpoint, batch_size=8, epochs=12)),
+                  tmp_path)
+    assert single.returncode == 0
+    resumed = load_file(str(out / "adapter" / "deltavision.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "adapter" / "deltavision.safetensors"))
+    assert max((resumed[k] - whole[k]).abs().max().item() for k in whole) < 1e-4
