@@ -22,6 +22,7 @@ from deltavision.methods.mona import Mona, mona_parameter_count
 
 from conftest import (
     CLASSIFIER,
+    head_prefix,
     FAMILIES,
     NUM_CLASSES,
     TINY,
@@ -46,7 +47,7 @@ def _vit(method: str, backbone=None, **method_options):
 
 
 def _head_count(model, family) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(CLASSIFIER[family]))
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(head_prefix(model, family)))
 
 
 def _perturb_trainable(model, seed=0, scale=0.2, only=None):
@@ -336,7 +337,7 @@ def test_mona_gradient_reaches_only_trainable_parameters(family):
         else:
             assert param.grad is None, name
     assert trainable_names(model) == {n for n, _ in model.named_parameters()
-                                      if ".dv_taps." in n or n.startswith(CLASSIFIER[family])}
+                                      if ".dv_taps." in n or n.startswith(head_prefix(model, family))}
 
 
 # --- Houlsby and AdaptFormer -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from deltavision.anatomy import describe
 from deltavision.errors import IncompatibleMethodError, MethodOptionError
 from deltavision.methods.e3va import DualLowRankLinear, E3VAAdapter, e3va_features, e3va_stage_outputs
 
-from conftest import CLASSIFIER, FAMILIES, NUM_CLASSES, TINY, random_images, tiny_model, trainable_names
+from conftest import CLASSIFIER, head_prefix, FAMILIES, NUM_CLASSES, TINY, random_images, tiny_model, trainable_names
 
 RANKS = (8, 16, 32)
 
@@ -139,7 +139,7 @@ def test_backbone_runs_without_autograd_and_gets_no_gradient(family):
     assert set(leaves) <= set(trainable), "a frozen tensor is a leaf of the graph"
     assert set(leaves) == set(trainable), f"not in the graph: {[trainable[i] for i in set(trainable) - set(leaves)][:5]}"
     for name in trainable.values():
-        assert name.startswith(("dv_e3va.", CLASSIFIER[family])) or _is_final_norm(model, name), name
+        assert name.startswith(("dv_e3va.", head_prefix(model, family))) or _is_final_norm(model, name), name
 
     # (b) after backward, no frozen (backbone) parameter holds a gradient; every trainable one does
     loss.backward()
@@ -163,7 +163,7 @@ def test_trainable_parameters_are_highway_final_norm_and_head(family):
     model = tiny_model(family, "e3va")
     expected_final = {"vit": {"norm."}, "swin": {"norm."}, "convnext": {"head.norm."}, "efficientnet": {"bn2."}}[family]
     names = trainable_names(model)
-    other = {n for n in names if not n.startswith("dv_e3va.") and not n.startswith(CLASSIFIER[family])}
+    other = {n for n in names if not n.startswith("dv_e3va.") and not n.startswith(head_prefix(model, family))}
     assert {n.rpartition(".")[0] + "." for n in other} == expected_final
     # the frozen copies the highway goes through do not train
     assert not any(p.requires_grad for p in model.dv_e3va.passes.parameters())
@@ -185,7 +185,7 @@ FINAL_NORM_PARAMS = {"vit": 2 * 32, "swin": 2 * 64, "convnext": 2 * 64, "efficie
 def test_trainable_count_for_each_rank(family, rank):
     model = tiny_model(family, "e3va", rank=rank)
     expected = FINAL_NORM_PARAMS[family]
-    expected += sum(p.numel() for n, p in model.named_parameters() if n.startswith(CLASSIFIER[family]))
+    expected += sum(p.numel() for n, p in model.named_parameters() if n.startswith(head_prefix(model, family)))
     for info in describe(model).blocks:
         if info.has_skip:  # one adapter per residual branch; blocks without skip are passed through
             expected += (2 if info.kind == "transformer" else 1) * _adapter_count(info.width, rank)

@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .anatomy import describe
-from .anatomy.core import family_of
+from .anatomy import describe, family_of
 from .backbones import create_backbone
 from .errors import AdapterFileError, IncompatibleMethodError
 from .io import load_json, load_tensors, save_json, save_tensors
 from .methods import get_method, make_config
-from .methods.common import get_module, unfreeze
+from .methods.common import unfreeze
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,7 +68,9 @@ def adapt(
     zero_head: bool = True,
     **method_options,
 ) -> nn.Module:
-    """Apply ``method`` to a built timm ``model`` in place: freeze it, add the method, free the classifier.
+    """Apply ``method`` to a built timm ``model``: freeze it, add the method, free the classifier.
+
+    Returns the model, or the wrapper that owns it for methods with a forward of their own.
 
     A new classifier starts at zero (``zero_head``): timm's initialisation for
     some families (EfficientNet's uniform 1/sqrt(classes)) gives large first
@@ -82,8 +83,8 @@ def adapt(
     if reason:
         raise IncompatibleMethodError(reason)
     model.requires_grad_(False)
-    spec.apply(model, anatomy, config)
-    classifier = get_module(model, anatomy.classifier)
+    model = spec.apply(model, anatomy, config) or model
+    classifier = model.get_classifier()
     if zero_head:
         for param in classifier.parameters():
             nn.init.zeros_(param)
@@ -105,7 +106,7 @@ def method_misfit(backbone: str, method: str, backbone_options: dict[str, Any] |
     family = family_of(timm.create_model(backbone, pretrained=False, **(backbone_options or {})))
     if family is None:
         return f"method {method!r} needs a backbone family deltavision knows; {backbone} is not one"
-    return _family_misfit(spec, family, backbone)
+    return _family_misfit(spec, family.name, backbone)
 
 
 def _family_misfit(spec, family: str, backbone: str) -> str | None:

@@ -50,7 +50,7 @@ class MultiTaskModel(nn.Module):
             raise DeltaVisionError(f"task {name!r} exists already; remove_task it first")
         model = self._shared_copy()
         model.reset_classifier(num_classes)
-        adapt(model, self.backbone_name, method, self.backbone_options, **method_options)
+        model = adapt(model, self.backbone_name, method, self.backbone_options, **method_options)
         shared = self._backbone_tensor_ids()
         if any(p.requires_grad and id(p) in shared for p in model.parameters()):
             self.backbone.requires_grad_(False)  # the refused method unfroze shared tensors

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..anatomy import Anatomy, describe
+from ..anatomy import Anatomy, describe, get_family
+from ..anatomy.layout import to_tokens
 from ..errors import IncompatibleMethodError
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
@@ -49,15 +50,6 @@ def candidate_ks(num_blocks: int) -> tuple[int, ...]:
     if num_blocks < 1:
         raise ValueError(f"need at least one block to gather over, got {num_blocks}")
     return tuple(sorted({max(1, int(num_blocks * quarter / 4 + 0.5)) for quarter in (1, 2, 3, 4)}))
-
-
-def to_tokens(stream: torch.Tensor, layout: str) -> torch.Tensor:
-    """(B, T, C) view of a stream in ``layout`` ("tokens", "nhwc" or "nchw")."""
-    if layout == "tokens":
-        return stream
-    if layout == "nhwc":
-        return stream.flatten(1, 2)
-    return stream.flatten(2).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -85,6 +77,7 @@ class Gatherer:
         stage = _summed_stage(self.anatomy)
         lead, summed = _split_stage(self.anatomy, stage)
         self.family = self.anatomy.family
+        self._family = get_family(self.family)
         self.layout = self.anatomy.layout
         self.summed_blocks = tuple(self.anatomy.blocks[i].name for i in summed)
         self._prelude = self._prelude_layers(stage, lead)
@@ -123,17 +116,9 @@ class Gatherer:
             stream = probe
             for layer in self._prelude:
                 stream = layer(stream)
-        prefix = self.anatomy.num_prefix_tokens if self.layout == "tokens" else 0
+        grid = self._family.grid(self.model, stream, (image_size, image_size))
         tokens = to_tokens(stream, self.layout)
-        return GatherShape(tokens.shape[1], tokens.shape[2], self._grid(stream, image_size), prefix)
-
-    def _grid(self, stream: torch.Tensor, image_size: int) -> tuple[int, int]:
-        if self.layout == "nhwc":
-            return (stream.shape[1], stream.shape[2])
-        if self.layout == "nchw":
-            return (stream.shape[2], stream.shape[3])
-        height, width = self.model.patch_embed.dynamic_feat_size((image_size, image_size))
-        return (int(height), int(width))
+        return GatherShape(tokens.shape[1], tokens.shape[2], (int(grid.height), int(grid.width)), grid.num_prefix_tokens)
 
     def _check_ks(self, ks: Sequence[int]) -> None:
         bad = [k for k in ks if not 1 <= k <= self.num_blocks]
@@ -142,7 +127,7 @@ class Gatherer:
 
     def _prelude_layers(self, stage, lead: Sequence[int]) -> list[Layer]:
         """Everything that runs before z_0: embedding, earlier stages, this stage's downsampling."""
-        layers = [_vit_embedding(self.model)] if self.family == "vit" else self._modules(self.anatomy.embed)
+        layers = [lambda images: self._family.embed(self.model, images)]
         for earlier in self.anatomy.stages[: stage.index]:
             layers += self._stage_layers(earlier, earlier.blocks)
         return layers + self._stage_layers(stage, lead)
@@ -153,15 +138,6 @@ class Gatherer:
 
     def _modules(self, names: Iterable[str]) -> list[Layer]:
         return [self.model.get_submodule(name) for name in names]
-
-
-def _vit_embedding(model: nn.Module) -> Layer:
-    """timm VisionTransformer's embedding, as forward_features runs it before the blocks."""
-
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
-
-    return embed
 
 
 def _summed_stage(anatomy: Anatomy):
