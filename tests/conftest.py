@@ -38,8 +38,9 @@ TINY = {
     "convnext": ("convnext_tiny", dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))),
     "efficientnet": ("tf_efficientnet_lite0", {}),
     # Bottleneck blocks (so LoRA has its default 1x1 targets); every stage opens with a projection
-    # block and the last stage also has one block with an identity skip.
-    "resnet": ("resnet50", dict(layers=(1, 1, 1, 2), channels=(8, 16, 32, 64))),
+    # block and the last stage also has one block with an identity skip. timm zero-initialises each
+    # branch's last BatchNorm, which would make every branch a no-op that no test could see through.
+    "resnet": ("resnet50", dict(layers=(1, 1, 1, 2), channels=(8, 16, 32, 64), zero_init_last=False)),
 }
 FAMILIES = list(TINY)
 IMAGE_SIZE = 32
