@@ -17,17 +17,12 @@ which reduces the width, and conv3, which expands it). A BasicBlock has only
 from __future__ import annotations
 
 from timm.models.resnet import Bottleneck, ResNet
-from torch import nn
 
 from ..core import Anatomy, Block, Stage
 from ..family import ConvFamily, register_family
 from ._parts import classifier_name, present
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
-
-
-def _width(block: nn.Module) -> int:
-    return (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
 
 
 class ResNetFamily(ConvFamily):
@@ -38,10 +33,11 @@ class ResNetFamily(ConvFamily):
         blocks, stages = [], []
         for s, stage_name in enumerate(STAGES):
             stage, first = getattr(model, stage_name), len(blocks)
+            width = model.feature_info[s + 1]["num_chs"]
             for j, block in enumerate(stage):
                 kind = "residual" if self.identity_skip(block) else "plain"
-                blocks.append(Block(f"{stage_name}.{j}", s, kind, _width(block)))
-            stages.append(Stage(s, None, tuple(range(first, len(blocks))), _width(stage[-1])))
+                blocks.append(Block(f"{stage_name}.{j}", s, kind, width))
+            stages.append(Stage(s, None, tuple(range(first, len(blocks))), width))
         return Anatomy(
             family=self.name,
             layout=self.layout,
