@@ -21,11 +21,10 @@ from deltavision.methods.lora import LoRAConv1x1, LoRALinear
 from deltavision.methods.mona import Mona, mona_parameter_count
 
 from conftest import (
-    CLASSIFIER,
-    head_prefix,
     FAMILIES,
     NUM_CLASSES,
     TINY,
+    head_prefix,
     plain_tiny,
     random_images,
     tiny_model,

@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltavision
-from deltavision.anatomy import describe
 from deltavision.errors import IncompatibleMethodError, MethodOptionError
 from deltavision.methods.e3va import DualLowRankLinear, E3VAAdapter, e3va_features, e3va_stage_outputs
 
-from conftest import CLASSIFIER, head_prefix, FAMILIES, NUM_CLASSES, TINY, random_images, tiny_model, trainable_names
+from conftest import FAMILIES, NUM_CLASSES, TINY, head_prefix, random_images, tiny_model, trainable_names
 
 RANKS = (8, 16, 32)
 

@@ -16,12 +16,11 @@ from deltavision.errors import IncompatibleMethodError
 from deltavision.methods import get_method
 
 from conftest import (
-    CLASSIFIER,
-    head_prefix,
     FAMILIES,
     METHODS,
     NORM_MODULES,
     NUM_CLASSES,
+    head_prefix,
     random_images,
     tiny_model,
     trainable_names,
