@@ -4,10 +4,12 @@
 register) tokens once the patches are embedded (VPT-Shallow); with
 ``deep=true`` every later block gets its own prompts in their place
 (VPT-Deep). Prompts are initialised uniformly in +-sqrt(6 / (3 p^2 + C)), as
-Xavier for a patch-sized fan-in. The method returns a :class:`VPTModel` owning the backbone; the
-position embedding is the backbone's own (real prefix only), and the head's
-average pooling counts the prompts as prefix tokens, so leaves them out.
-Backbones whose stream is a token sequence only.
+Xavier for a patch-sized fan-in.
+
+The method returns a :class:`VPTModel` owning the backbone: the position
+embedding is the backbone's own (real prefix only), and the head's average
+pooling counts the prompts as prefix tokens, so leaves them out. Backbones
+whose stream is a token sequence only.
 """
 
 from __future__ import annotations
@@ -61,10 +63,13 @@ class VPTModel(BackboneWrapper):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.family.embed(self.backbone, images)
-        for index in range(len(self.anatomy.blocks)):
-            if index < len(self.prompts):
-                x = self._with_prompts(x, index, replace=index > 0)
-            x = self.block(index)(x)
+        for stage in self.anatomy.stages:
+            if stage.downsample:
+                x = self.backbone.get_submodule(stage.downsample)(x)
+            for index in stage.blocks:
+                if index < len(self.prompts):
+                    x = self._with_prompts(x, index, replace=index > 0)
+                x = self.block(index)(x)
         return self.family.head(self.backbone, x, num_prefix_tokens=self.num_prefix_tokens)
 
     def _with_prompts(self, x: torch.Tensor, index: int, replace: bool) -> torch.Tensor:
