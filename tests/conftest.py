@@ -37,6 +37,10 @@ TINY = {
     ),
     "convnext": ("convnext_tiny", dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))),
     "efficientnet": ("tf_efficientnet_lite0", {}),
+    # Bottleneck blocks (so LoRA has its default 1x1 targets); every stage opens with a projection
+    # block and the last stage also has one block with an identity skip. timm zero-initialises each
+    # branch's last BatchNorm, which would make every branch a no-op that no test could see through.
+    "resnet": ("resnet50", dict(layers=(1, 1, 1, 2), channels=(8, 16, 32, 64), zero_init_last=False)),
 }
 FAMILIES = list(TINY)
 IMAGE_SIZE = 32
@@ -46,7 +50,15 @@ NUM_CLASSES = 5
 METHODS = deltavision.list_methods()
 
 # The parameter-name prefix of each family's classifier.
-CLASSIFIER = {"vit": "head.", "swin": "head.fc.", "convnext": "head.fc.", "efficientnet": "classifier."}
+CLASSIFIER = {"vit": "head.", "swin": "head.fc.", "convnext": "head.fc.", "efficientnet": "classifier.", "resnet": "fc."}
+
+
+
+def head_prefix(model: nn.Module, family: str) -> str:
+    """The parameter-name prefix of ``model``'s classifier; wrapper models (e3va, vpt) own the timm
+    model as ``backbone``."""
+    return ("backbone." if isinstance(getattr(model, "backbone", None), nn.Module) else "") + CLASSIFIER[family]
+
 
 NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 

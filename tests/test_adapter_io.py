@@ -195,8 +195,9 @@ BAD_CALLS = [
     ("partial k > blocks", VIT, "partial", {"k": 3}, MethodOptionError, "only 2 blocks"),
     ("unknown backbone", "vit_smal_patch16_224", "ssf", {}, UnknownBackboneError, "did you mean vit_small_patch16_224"),
     ("unknown method", VIT, "sff", {}, UnknownMethodError, "choose one of: .*ssf"),
-    ("ssf on resnet", "resnet18", "ssf", {}, IncompatibleMethodError, "ResNet"),
-    ("partial on resnet", "resnet18", "partial", {}, IncompatibleMethodError, "ResNet"),
+    ("ssf on regnet", "regnetx_002", "ssf", {}, IncompatibleMethodError, "RegNet"),
+    ("partial on regnet", "regnetx_002", "partial", {}, IncompatibleMethodError, "RegNet"),
+    ("lora on a basic-block resnet", "resnet18", "lora", {}, MethodOptionError, "--opt targets="),
 ]
 
 
@@ -219,12 +220,12 @@ def test_string_options_from_the_command_line_are_converted():
 
 
 def test_structure_free_method_works_on_an_unknown_family():
-    model = deltavision.create_model("resnet18", "bitfit", NUM_CLASSES, pretrained=False)
-    expected = {n for n, _ in model.named_parameters() if n.endswith(".bias")} | {"fc.weight"}
+    model = deltavision.create_model("regnetx_002", "bitfit", NUM_CLASSES, pretrained=False)
+    expected = {n for n, _ in model.named_parameters() if n.endswith(".bias")} | {"head.fc.weight"}
     assert trainable_names(model) == expected
     assert model(random_images(batch=2)).shape == (2, NUM_CLASSES)
     merged = deltavision.merge(model)
-    assert type(merged) is type(timm.create_model("resnet18", pretrained=False))
+    assert type(merged) is type(timm.create_model("regnetx_002", pretrained=False))
 
 
 # --- backbone weights ----------------------------------------------------------------------------

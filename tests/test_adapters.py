@@ -14,17 +14,17 @@ from torch import nn
 
 import deltavision
 from deltavision.anatomy import describe
-from deltavision.anatomy.taps import Grid
+from deltavision.anatomy.layout import Grid
 from deltavision.errors import IncompatibleMethodError, MethodOptionError
 from deltavision.methods.adapters import Bottleneck, SerialAdapter
 from deltavision.methods.lora import LoRAConv1x1, LoRALinear
 from deltavision.methods.mona import Mona, mona_parameter_count
 
 from conftest import (
-    CLASSIFIER,
     FAMILIES,
     NUM_CLASSES,
     TINY,
+    head_prefix,
     plain_tiny,
     random_images,
     tiny_model,
@@ -46,7 +46,7 @@ def _vit(method: str, backbone=None, **method_options):
 
 
 def _head_count(model, family) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(CLASSIFIER[family]))
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(head_prefix(model, family)))
 
 
 def _perturb_trainable(model, seed=0, scale=0.2, only=None):
@@ -99,7 +99,7 @@ def _mlp_branch(block, family, x):
 
 def _grid_for(family, x, model=None):
     if family == "vit":
-        return model.dv_grid_tracker()
+        return Grid("tokens", *model.patch_embed.grid_size, model.num_prefix_tokens)
     if family == "swin":
         return Grid("nhwc", x.shape[1], x.shape[2])
     return Grid("nchw", x.shape[-2], x.shape[-1])
@@ -107,7 +107,7 @@ def _grid_for(family, x, model=None):
 
 def _channels_last(fn, x, family):
     """Apply a channel-last function to a stream of the family's layout."""
-    if family in ("convnext", "efficientnet"):
+    if family in ("convnext", "efficientnet", "resnet"):
         return fn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     return fn(x)
 
@@ -317,7 +317,6 @@ def test_mona_vit_runs_at_any_image_size():
             hook.remove()
         assert out.shape == (2, NUM_CLASSES)
         assert set(grids) == {Grid("tokens", h // 8, w // 8, 1)}
-        assert model.dv_grid_tracker() == Grid("tokens", h // 8, w // 8, 1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -336,7 +335,7 @@ def test_mona_gradient_reaches_only_trainable_parameters(family):
         else:
             assert param.grad is None, name
     assert trainable_names(model) == {n for n, _ in model.named_parameters()
-                                      if ".dv_taps." in n or n.startswith(CLASSIFIER[family])}
+                                      if ".dv_taps." in n or n.startswith(head_prefix(model, family))}
 
 
 # --- Houlsby and AdaptFormer -----------------------------------------------------------------------
@@ -495,6 +494,7 @@ EXPECTED_DEFAULT_TARGETS = {
     "swin": ("attn.qkv",),
     "convnext": ("mlp.fc1", "mlp.fc2"),
     "efficientnet": ("conv_pw", "conv_pwl"),
+    "resnet": ("conv1", "conv3"),
 }
 
 
@@ -619,9 +619,9 @@ def test_vpt_shallow_inserts_prompts_after_the_prefix_tokens(reg_tokens):
     num_tokens, prefix = 6, 1 + reg_tokens
     model = _vit("vpt", num_tokens=num_tokens, backbone=dict(reg_tokens=reg_tokens, class_token=True))
     assert model.num_prefix_tokens == prefix + num_tokens
-    prompts = model.norm_pre.prompts
+    (prompts,) = model.prompts
     assert prompts.shape == (1, num_tokens, 32) and prompts.requires_grad
-    seen, hooks = _capture_inputs([model.blocks[0]])
+    seen, hooks = _capture_inputs([model.backbone.blocks[0]])
     x = random_images(batch=2, seed=6)
     _eval_out(model, x)
     for h in hooks:
@@ -629,7 +629,7 @@ def test_vpt_shallow_inserts_prompts_after_the_prefix_tokens(reg_tokens):
     tokens = seen[0]
     assert tokens.shape == (2, prefix + num_tokens + 16, 32)
     with torch.no_grad():
-        embedded = model._pos_embed(model.patch_embed(x))  # timm's embedding: [prefix, patches] + position
+        embedded = model.backbone._pos_embed(model.backbone.patch_embed(x))  # timm's embedding: [prefix, patches] + position
     assert torch.equal(tokens[:, :prefix], embedded[:, :prefix])
     assert torch.equal(tokens[:, prefix : prefix + num_tokens], prompts.detach().expand(2, -1, -1))
     assert torch.equal(tokens[:, prefix + num_tokens :], embedded[:, prefix:])
@@ -639,17 +639,17 @@ def test_vpt_shallow_inserts_prompts_after_the_prefix_tokens(reg_tokens):
 def test_vpt_deep_replaces_prompts_before_every_later_block():
     depth, num_tokens = 3, 4
     model = _vit("vpt", num_tokens=num_tokens, deep=True, backbone=dict(depth=depth))
-    later = [model.blocks[i].dv_taps.before_block[0].prompts for i in range(1, depth)]
-    assert len(model.blocks[0].dv_taps.before_block) == 0
-    all_prompts = [model.norm_pre.prompts, *later]
+    all_prompts = list(model.prompts)
+    assert len(all_prompts) == depth
+    assert all(taps is None for taps in (getattr(b, "dv_taps", None) for b in model.backbone.blocks))
     assert len({id(p) for p in all_prompts}) == depth
     assert deltavision.count_parameters(model)["trainable"] == depth * num_tokens * 32 + 32 * NUM_CLASSES + NUM_CLASSES
     assert sum(p.numel() for p in all_prompts) == depth * num_tokens * 32
 
     # what each block computes on: its norm1 input (after the taps ran), and the previous block's output
-    inputs, hooks = _capture_inputs([model.blocks[i].norm1 for i in range(depth)])
+    inputs, hooks = _capture_inputs([model.backbone.blocks[i].norm1 for i in range(depth)])
     outputs = {}
-    hooks += [model.blocks[i].register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o.detach()))
+    hooks += [model.backbone.blocks[i].register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o.detach()))
               for i in range(depth)]
     _eval_out(model)
     for h in hooks:
@@ -668,14 +668,15 @@ def test_vpt_prompts_are_left_out_of_average_pooling():
     model = _vit("vpt", num_tokens=num_tokens, backbone=dict(global_pool="avg"))
     assert model.num_prefix_tokens == 1 + num_tokens
     last, head_in = {}, {}
-    h1 = model.blocks[-1].register_forward_hook(lambda m, a, o: last.__setitem__("x", o.detach()))
-    h2 = model.head.register_forward_pre_hook(lambda m, a: head_in.__setitem__("x", a[0].detach()))
+    backbone = model.backbone
+    h1 = backbone.blocks[-1].register_forward_hook(lambda m, a, o: last.__setitem__("x", o.detach()))
+    h2 = backbone.head.register_forward_pre_hook(lambda m, a: head_in.__setitem__("x", a[0].detach()))
     _eval_out(model)
     h1.remove(), h2.remove()
-    tokens = model.norm(last["x"])
+    tokens = backbone.norm(last["x"])
     with torch.no_grad():
-        expected = model.fc_norm(tokens[:, 1 + num_tokens :].mean(dim=1))
-        with_prompts = model.fc_norm(tokens[:, 1:].mean(dim=1))
+        expected = backbone.fc_norm(tokens[:, 1 + num_tokens :].mean(dim=1))
+        with_prompts = backbone.fc_norm(tokens[:, 1:].mean(dim=1))
     torch.testing.assert_close(head_in["x"], expected)
     assert not torch.allclose(head_in["x"], with_prompts, atol=1e-4)
 
@@ -693,7 +694,7 @@ def test_vpt_prompt_init_bound(deep):
     num_tokens = 100
     model = _vit("vpt", num_tokens=num_tokens, deep=deep)
     bound = math.sqrt(6.0 / (3 * 8 * 8 + 32))
-    prompts = [p for n, p in model.named_parameters() if n.endswith("prompts")]
+    prompts = [p for n, p in model.named_parameters() if n.startswith("prompts.")]
     assert len(prompts) == (2 if deep else 1)
     for p in prompts:
         values = p.detach().flatten()
@@ -707,7 +708,7 @@ def test_vpt_vit_runs_at_any_image_size():
     """A dynamic_img_size ViT takes any input size; prompts must not change how positions are resampled."""
     model = _vit("vpt", num_tokens=3, backbone=dict(dynamic_img_size=True))
     for size in [(32, 32), (48, 40)]:
-        seen, hooks = _capture_inputs([model.blocks[0]])
+        seen, hooks = _capture_inputs([model.backbone.blocks[0]])
         out = _eval_out(model, torch.randn(2, 3, *size))
         for h in hooks:
             h.remove()

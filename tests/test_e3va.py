@@ -1,7 +1,7 @@
 """E3VA: the gradient highway beside a frozen backbone (Yin et al., MM 2024; DESIGN.md "E3VA").
 
-The e3va model binds an instance ``forward`` (the highway); the plain backbone forward stays
-reachable as ``type(model).forward(model, x)``, on the very same modules and weights.
+The e3va model is a wrapper whose forward runs the highway; the plain backbone forward stays
+reachable as ``model.backbone(x)``, on the very same modules and weights.
 """
 
 import pytest
@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltavision
-from deltavision.anatomy import describe
 from deltavision.errors import IncompatibleMethodError, MethodOptionError
 from deltavision.methods.e3va import DualLowRankLinear, E3VAAdapter, e3va_features, e3va_stage_outputs
 
-from conftest import CLASSIFIER, FAMILIES, NUM_CLASSES, TINY, random_images, tiny_model, trainable_names
+from conftest import FAMILIES, NUM_CLASSES, TINY, head_prefix, random_images, tiny_model, trainable_names
 
 RANKS = (8, 16, 32)
 
@@ -35,11 +34,12 @@ def _e3va(family, **options):
 
 
 def _plain_forward(model, x):
-    return type(model).forward(model, x)
+    return model.backbone(x)
 
 
 def _backbone_stage_outputs(model, family, x):
     """timm's forward_features, cut at every stage end (run on the model's own, untouched modules)."""
+    model = model.backbone
     if family == "vit":
         t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
         return [model.blocks(t)]
@@ -47,6 +47,9 @@ def _backbone_stage_outputs(model, family, x):
         t, stages = model.patch_embed(x), model.layers
     elif family == "convnext":
         t, stages = model.stem(x), model.stages
+    elif family == "resnet":
+        t = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
     else:
         t, stages = model.bn1(model.conv_stem(x)), model.blocks
     outs = []
@@ -58,11 +61,11 @@ def _backbone_stage_outputs(model, family, x):
 
 def _backbone_modules(model):
     """(name, module) of the embedding, every block and every downsampling layer, with their children."""
-    anatomy = model.dv_e3va_anatomy
+    anatomy = model.anatomy
     tops = anatomy.embed + tuple(b.name for b in anatomy.blocks) + tuple(s.downsample for s in anatomy.stages if s.downsample)
     found = []
     for top in tops:
-        for rel, module in model.get_submodule(top).named_modules():
+        for rel, module in model.backbone.get_submodule(top).named_modules():
             found.append((f"{top}.{rel}" if rel else top, module))
     return tops, found
 
@@ -84,7 +87,7 @@ def test_untrained_highway_reproduces_the_backbone(family, dense):
     # not vacuous: once the up branches move, the highway leaves the backbone
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in model.dv_e3va.named_parameters():
+        for name, p in model.highway.named_parameters():
             if ".up.s." in name:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
         assert not torch.allclose(model(x), plain, atol=1e-4)
@@ -117,7 +120,7 @@ def test_backbone_runs_without_autograd_and_gets_no_gradient(family):
     # (transformer blocks are not called as a whole: E3VA calls their two branches, so look inside)
     never = [t for t in tops if not any(n == t or n.startswith(t + ".") for n in calls)]
     assert not never, f"never ran: {never}"
-    for info in model.dv_e3va_anatomy.blocks:
+    for info in model.anatomy.blocks:
         if info.kind == "transformer":
             assert {f"{info.name}.attn", f"{info.name}.mlp"} <= set(calls), info.name
     grad_on = sorted(name for name, flags in calls.items() if any(flags))
@@ -139,7 +142,7 @@ def test_backbone_runs_without_autograd_and_gets_no_gradient(family):
     assert set(leaves) <= set(trainable), "a frozen tensor is a leaf of the graph"
     assert set(leaves) == set(trainable), f"not in the graph: {[trainable[i] for i in set(trainable) - set(leaves)][:5]}"
     for name in trainable.values():
-        assert name.startswith(("dv_e3va.", CLASSIFIER[family])) or _is_final_norm(model, name), name
+        assert name.startswith(("highway.", head_prefix(model, family))) or _is_final_norm(model, name), name
 
     # (b) after backward, no frozen (backbone) parameter holds a gradient; every trainable one does
     loss.backward()
@@ -151,9 +154,9 @@ def test_backbone_runs_without_autograd_and_gets_no_gradient(family):
 
 
 def _is_final_norm(model, name):
-    final = model.dv_e3va_anatomy.final
+    final = model.anatomy.final
     module = model.get_submodule(name.rpartition(".")[0])
-    return name.startswith(tuple(f + "." for f in final)) and isinstance(
+    return name.startswith(tuple(f"backbone.{f}." for f in final)) and isinstance(
         module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
     )
 
@@ -161,12 +164,13 @@ def _is_final_norm(model, name):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trainable_parameters_are_highway_final_norm_and_head(family):
     model = tiny_model(family, "e3va")
-    expected_final = {"vit": {"norm."}, "swin": {"norm."}, "convnext": {"head.norm."}, "efficientnet": {"bn2."}}[family]
+    expected_final = {"vit": {"norm."}, "swin": {"norm."}, "convnext": {"head.norm."}, "efficientnet": {"bn2."}, "resnet": set()}
+    expected_final = {"backbone." + prefix for prefix in expected_final[family]}
     names = trainable_names(model)
-    other = {n for n in names if not n.startswith("dv_e3va.") and not n.startswith(CLASSIFIER[family])}
+    other = {n for n in names if not n.startswith("highway.") and not n.startswith(head_prefix(model, family))}
     assert {n.rpartition(".")[0] + "." for n in other} == expected_final
     # the frozen copies the highway goes through do not train
-    assert not any(p.requires_grad for p in model.dv_e3va.passes.parameters())
+    assert not any(p.requires_grad for p in model.highway.passes.parameters())
 
 
 # --- parameter counts ----------------------------------------------------------------------------
@@ -177,7 +181,7 @@ def _adapter_count(c, r):
     return (2 * r * (c + middle) + middle) + (2 * r * (middle + c) + c)  # down + up (dual low-rank + bias)
 
 
-FINAL_NORM_PARAMS = {"vit": 2 * 32, "swin": 2 * 64, "convnext": 2 * 64, "efficientnet": 2 * 1280}
+FINAL_NORM_PARAMS = {"vit": 2 * 32, "swin": 2 * 64, "convnext": 2 * 64, "efficientnet": 2 * 1280, "resnet": 0}
 
 
 @pytest.mark.parametrize("rank", RANKS)
@@ -185,8 +189,8 @@ FINAL_NORM_PARAMS = {"vit": 2 * 32, "swin": 2 * 64, "convnext": 2 * 64, "efficie
 def test_trainable_count_for_each_rank(family, rank):
     model = tiny_model(family, "e3va", rank=rank)
     expected = FINAL_NORM_PARAMS[family]
-    expected += sum(p.numel() for n, p in model.named_parameters() if n.startswith(CLASSIFIER[family]))
-    for info in describe(model).blocks:
+    expected += sum(p.numel() for n, p in model.named_parameters() if n.startswith(head_prefix(model, family)))
+    for info in model.anatomy.blocks:
         if info.has_skip:  # one adapter per residual branch; blocks without skip are passed through
             expected += (2 if info.kind == "transformer" else 1) * _adapter_count(info.width, rank)
     assert deltavision.count_parameters(model)["trainable"] == expected
@@ -215,8 +219,8 @@ def test_bad_rank_is_an_option_error():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_up_branch_starts_at_zero_and_middle_is_half_width(family):
     model = tiny_model(family, "e3va", rank=16)
-    adapters = [a for a in model.dv_e3va.modules() if isinstance(a, E3VAAdapter)]
-    widths = [b.width for b in describe(model).blocks for _ in range((2 if b.kind == "transformer" else 1) * b.has_skip)]
+    adapters = [a for a in model.highway.modules() if isinstance(a, E3VAAdapter)]
+    widths = [b.width for b in model.anatomy.blocks for _ in range((2 if b.kind == "transformer" else 1) * b.has_skip)]
     assert [a.down.t[0].shape[1] for a in adapters] == widths
     for adapter, c in zip(adapters, widths):
         for k in range(2):
@@ -256,7 +260,12 @@ def _timm_feature_maps(family, x):
         if family == "swin":  # timm's Swin features are NHWC
             f = f.permute(0, 3, 1, 2)
         assert f.shape[1] == info["num_chs"]
-        stage = 0 if family == "vit" else int(info["module"].split(".")[1])
+        if family == "resnet":  # the stem's map (stride 2) comes first; layer<i> is stage i - 1
+            if not info["module"].startswith("layer"):
+                continue
+            stage = int(info["module"][len("layer"):]) - 1
+        else:
+            stage = 0 if family == "vit" else int(info["module"].split(".")[1])
         shapes[stage] = tuple(f.shape)
     return shapes
 
@@ -264,7 +273,7 @@ def _timm_feature_maps(family, x):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_features_one_map_per_stage_like_features_only(family):
     model = _e3va(family, dense=True)
-    anatomy = describe(model)
+    anatomy = model.anatomy
     x = random_images(batch=2, seed=12)
     with torch.no_grad():
         feats = e3va_features(model, x)
@@ -283,7 +292,7 @@ def test_dense_features_one_map_per_stage_like_features_only(family):
         assert tuple(f.shape[-2:]) == tuple(spatial), index
         assert torch.isfinite(f).all()
     # the stage norms are trainable and really applied
-    assert all(p.requires_grad for p in model.dv_e3va.stage_norms.parameters())
+    assert all(p.requires_grad for p in model.highway.stage_norms.parameters())
 
 
 def test_dense_vit_features_drop_prefix_tokens_and_follow_the_input_size():
@@ -297,14 +306,14 @@ def test_dense_vit_features_drop_prefix_tokens_and_follow_the_input_size():
         (f,) = e3va_features(model, x)
         (e,) = e3va_stage_outputs(model, x)
     assert f.shape == (1, 32, 6, 5)
-    expected = model.dv_e3va.stage_norms[0](e)[:, 3:].transpose(1, 2).reshape(1, 32, 6, 5)
+    expected = model.highway.stage_norms[0](e)[:, 3:].transpose(1, 2).reshape(1, 32, 6, 5)
     torch.testing.assert_close(f, expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_features_without_dense_are_refused(family):
     model = tiny_model(family, "e3va")
-    assert len(model.dv_e3va.stage_norms) == 0
+    assert len(model.highway.stage_norms) == 0
     with pytest.raises(IncompatibleMethodError, match="dense"):
         e3va_features(model, random_images())
 

@@ -16,11 +16,11 @@ from deltavision.errors import IncompatibleMethodError
 from deltavision.methods import get_method
 
 from conftest import (
-    CLASSIFIER,
     FAMILIES,
     METHODS,
     NORM_MODULES,
     NUM_CLASSES,
+    head_prefix,
     random_images,
     tiny_model,
     trainable_names,
@@ -36,6 +36,7 @@ PARTIAL_K1 = {
     "swin": ("layers.2.blocks.1.", "norm."),
     "convnext": ("stages.3.blocks.0.", "stages.3.downsample.", "head.norm."),
     "efficientnet": ("blocks.6.0.", "conv_head.", "bn2."),
+    "resnet": ("layer4.1.",),
 }
 # (family, k) -> prefixes for larger k.
 PARTIAL_CASES = {
@@ -57,7 +58,7 @@ def _names(model):
 
 
 def _classifier(model, family):
-    return {n for n in _names(model) if n.startswith(CLASSIFIER[family])}
+    return {n for n in _names(model) if n.startswith(head_prefix(model, family))}
 
 
 def _with_prefixes(model, prefixes):
@@ -144,7 +145,7 @@ def test_forward_shape_and_gradients_only_on_trainable(method, family):
             assert torch.isfinite(param.grad).all(), name
         else:
             assert param.grad is None, f"frozen {name} got a gradient"
-    head_grads = [p.grad for n, p in model.named_parameters() if n.startswith(CLASSIFIER[family])]
+    head_grads = [p.grad for n, p in model.named_parameters() if n.startswith(head_prefix(model, family))]
     assert any(g.abs().sum() > 0 for g in head_grads)
 
     model.eval()

@@ -5,7 +5,8 @@ import timm
 import torch
 from conftest import IMAGE_SIZE, TINY, random_images
 
-from deltavision.serve.gather import Gatherer, candidate_ks, to_tokens
+from deltavision.anatomy.layout import to_tokens
+from deltavision.serve.gather import Gatherer, candidate_ks
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 
@@ -56,13 +57,13 @@ def test_vit_gather_n_ends_at_the_stream_forward_features_normalises():
     torch.testing.assert_close(difference, last["out"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["swin", "convnext", "efficientnet"])
-def test_staged_backbones_sum_the_last_residual_stream_as_the_backbone_runs_it(family):
+@pytest.mark.parametrize("family", ["swin", "convnext", "efficientnet", "resnet"])
+def test_last_stage_span_sums_the_last_residual_stream_as_the_backbone_runs_it(family):
     """z_0 = the stream entering the first summed block, z_i = summed block outputs, all taken
     with hooks during timm's own forward_features."""
     name, options = TINY[family]
     model = seeded(name, **options)
-    gatherer = Gatherer(model)
+    gatherer = Gatherer(model, span="last_stage")
     blocks = [model.get_submodule(block) for block in gatherer.summed_blocks]
     seen = {"outputs": []}
     blocks[0].register_forward_pre_hook(lambda module, args: seen.setdefault("z0", args[0]))
@@ -78,16 +79,86 @@ def test_staged_backbones_sum_the_last_residual_stream_as_the_backbone_runs_it(f
         torch.testing.assert_close(features, manual, rtol=1e-5, atol=1e-5)
 
 
-def test_summed_stage_choices_per_family():
-    """Swin and ConvNeXt: their last stage; EfficientNet-Lite0: stage 5, as its stage 6 has no skip."""
+def test_last_stage_span_choices_per_family():
+    """Swin and ConvNeXt: their last stage; EfficientNet-Lite0: stage 5, as its stage 6 has no skip;
+    ResNet: layer4 after its projection block."""
     expectations = {
         "swin": ("layers.2.blocks.0", "layers.2.blocks.1"),
         "convnext": ("stages.3.blocks.0",),
         "efficientnet": ("blocks.5.1", "blocks.5.2", "blocks.5.3"),
+        "resnet": ("layer4.1",),
     }
     for family, expected in expectations.items():
         name, options = TINY[family]
-        assert Gatherer(seeded(name, **options)).summed_blocks == expected
+        assert Gatherer(seeded(name, **options), span="last_stage").summed_blocks == expected
+
+
+def test_default_span_runs_over_every_block_of_swin_t():
+    """Appendix Sec. 8: on Swin-T, k ranges over all 12 blocks."""
+    gatherer = Gatherer(seeded("swin_tiny_patch4_window7_224"))
+    assert gatherer.span == "all" and gatherer.num_blocks == 12 and gatherer.ks == (3, 6, 9, 12)
+
+
+def test_all_span_carries_the_sum_through_each_stage_downsampling():
+    """Tiny Swin (depths 1, 1, 2): the running sum crosses stages through the frozen PatchMerging
+    layers, and every Gather_k is carried on to the last stage's resolution and width."""
+    name, options = TINY["swin"]
+    model = seeded(name, **options)
+    images = random_images(2)
+    down1, down2 = model.layers[1].downsample, model.layers[2].downsample
+    b0, b1, b2, b3 = model.layers[0].blocks[0], model.layers[1].blocks[0], *model.layers[2].blocks
+    with torch.no_grad():
+        z0 = model.patch_embed(images)
+        s1 = b0(z0)
+        t1 = z0 + s1
+        s2 = b1(down1(s1))
+        t2 = down1(t1) + s2
+        s3 = b2(down2(s2))
+        t3 = down2(t2) + s3
+        t4 = t3 + b3(s3)
+    expected = {1: down2(down1(t1)), 2: down2(t2), 3: t3, 4: t4}
+    gathered = Gatherer(model)(images)
+    assert sorted(gathered) == [1, 2, 3, 4]
+    for k, features in gathered.items():
+        assert features.shape == (2, 2 * 2, 64), k
+        torch.testing.assert_close(features, to_tokens(expected[k], "nhwc"), rtol=1e-5, atol=1e-5)
+
+
+def test_all_span_passes_the_sum_through_blocks_without_a_skip():
+    """Tiny ResNet: layer1..4 open with projection blocks, which carry the running sum through
+    themselves; layer4.1 (identity skip) adds its output, as in timm's own forward_features."""
+    name, options = TINY["resnet"]
+    model = seeded(name, **options)
+    gatherer = Gatherer(model)
+    assert gatherer.summed_blocks == ("layer1.0", "layer2.0", "layer3.0", "layer4.0", "layer4.1")
+    seen = {}
+    model.layer4[1].register_forward_pre_hook(lambda module, args: seen.setdefault("in", args[0]))
+    model.layer4[1].register_forward_hook(lambda module, args, output: seen.setdefault("out", output))
+    images = random_images(2)
+    with torch.no_grad():
+        model.forward_features(images)
+    gathered = gatherer(images, ks=[1, 4, 5])
+    torch.testing.assert_close(gathered[4], to_tokens(seen["in"], "nchw"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gathered[5], to_tokens(seen["in"] + seen["out"], "nchw"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gathered[1], gathered[4], rtol=1e-5, atol=1e-5)  # nothing added before layer4.1
+    shape = gatherer.output_shape(IMAGE_SIZE)
+    assert (shape.tokens, shape.width, shape.grid) == (1, 256, (1, 1))
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "convnext", "efficientnet", "resnet"])
+@pytest.mark.parametrize("span", ["all", "last_stage"])
+def test_every_k_has_the_announced_wire_shape(family, span):
+    name, options = TINY[family]
+    gatherer = Gatherer(seeded(name, **options), span=span)
+    shape = gatherer.output_shape(IMAGE_SIZE)
+    for k, features in gatherer(random_images(2)).items():
+        assert features.shape == (2, shape.tokens, shape.width), k
+    assert shape.tokens == shape.num_prefix_tokens + shape.grid[0] * shape.grid[1]
+
+
+def test_unknown_span_is_refused():
+    with pytest.raises(ValueError, match="last_stage"):
+        Gatherer(seeded("vit_small_patch16_224", **TINY_VIT), span="first")
 
 
 def test_gather_output_is_tokens_for_every_layout():

@@ -101,9 +101,11 @@ def test_backbone_tensors_are_shared_not_copied(multi):
         tensors = {id(t): t for t in _tensors(task)}
         assert ids <= set(tensors), f"{method} copied backbone tensors"
         # lora renames qkv.weight to qkv.base.weight: the module is wrapped, the tensor is the same object
-        shared_qkv = task.blocks[0].attn.qkv.base.weight if method == "lora" else task.blocks[0].attn.qkv.weight
+        timm_model = getattr(task, "backbone", task)  # e3va and vpt tasks own the timm model as ``backbone``
+        qkv = timm_model.blocks[0].attn.qkv
+        shared_qkv = qkv.base.weight if method == "lora" else qkv.weight
         assert shared_qkv is mt.backbone.blocks[0].attn.qkv.weight
-        assert task.pos_embed.data_ptr() == mt.backbone.pos_embed.data_ptr()
+        assert timm_model.pos_embed.data_ptr() == mt.backbone.pos_embed.data_ptr()
         own = [t for t in tensors.values() if id(t) not in ids]
         assert all(t.data_ptr() not in ptrs for t in own)
         # a task's own tensors are exactly what it trains

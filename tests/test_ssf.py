@@ -42,11 +42,18 @@ def _efficientnet_points():
     return {f"{name}.drop" for name, m in plain.named_modules() if isinstance(m, BatchNormAct2d)}
 
 
+def _resnet_points():
+    # convolutions have no bias: SSF follows every BatchNorm2d (stem, branches, projection shortcuts)
+    plain = plain_tiny("resnet")
+    return {name for name, m in plain.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
 EXPECTED_POINTS = {
     "vit": _vit_points,
     "swin": _swin_points,
     "convnext": _convnext_points,
     "efficientnet": _efficientnet_points,
+    "resnet": _resnet_points,
 }
 
 

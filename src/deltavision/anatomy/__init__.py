@@ -1,12 +1,17 @@
 """The one place that knows each backbone family's structure.
 
-Methods ask :func:`describe` for an :class:`Anatomy` instead of hard-coding
-module names: which modules embed the image, which are the blocks and the
-modules on each block's residual branches, where stages begin and what
-downsamples between them, which modules finish the body before the
-classifier, and how tokens are laid out (prefix tokens, NHWC or NCHW).
+Methods ask :func:`describe` for an :class:`Anatomy` and :func:`get_family`
+for the :class:`Family` that answers family questions (embedding, branches,
+head, grids, stage outputs, default LoRA targets), instead of hard-coding
+module names. Stream layouts and their conversions live in :mod:`.layout`.
 """
 
-from .core import Anatomy, Block, Stage, describe, supported_families
+from .core import Anatomy, Block, Stage
+from .family import Family, describe, family_of, get_family, register_family, supported_families
+from .layout import Grid
+from . import families  # noqa: F401,E402  (registers the families)
 
-__all__ = ["Anatomy", "Block", "Stage", "describe", "supported_families"]
+__all__ = [
+    "Anatomy", "Block", "Family", "Grid", "Stage", "describe", "family_of", "get_family", "register_family",
+    "supported_families",
+]

@@ -1,33 +1,34 @@
-"""Anatomy records and the family dispatch."""
+"""Anatomy records: what a backbone instance is made of, in names of its modules."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from torch import nn
-
-from ..errors import IncompatibleMethodError
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Block:
-    """One residual block.
+    """One block of the body.
 
-    ``branches`` maps a branch name ("attn", "mlp" for transformers, "main" for
-    convolutional blocks) to the block-relative names of the modules on that
-    residual branch, in execution order.
+    kind: "transformer" (two residual branches, "attn" and "mlp"), "residual"
+    (one residual branch, "main", summed with an identity skip) or "plain"
+    (input and output differ in shape, or the skip is a projection: no stream
+    to add a branch to).
     """
 
     name: str
     stage: int
     kind: str
     width: int
-    branches: dict[str, tuple[str, ...]]
 
     @property
     def has_skip(self) -> bool:
-        """Input and output share shape and are summed (an EfficientNet "plain" block is not)."""
+        """Input and output share shape and are summed through an identity skip."""
         return self.kind != "plain"
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """Names of the residual branches a method can tap."""
+        return ("attn", "mlp") if self.kind == "transformer" else ("main",)
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,10 @@ class Stage:
 class Anatomy:
     """Structure of one backbone instance.
 
-    layout: "tokens" (B, N, C with ``num_prefix_tokens`` before the patch grid),
-    "nhwc" (B, H, W, C) or "nchw" (B, C, H, W): the layout of the stream between blocks.
+    layout: the layout of the stream between blocks (see :mod:`.layout`).
+    inplace_after_norm: the body overwrites normalisation outputs in place
+    (in-place activations, a skip added in place), so a method must not keep
+    those outputs for backward.
     """
 
     family: str
@@ -57,7 +60,7 @@ class Anatomy:
     final: tuple[str, ...]
     classifier: str
     patch_size: int = 1
-    extra: dict = field(default_factory=dict)
+    inplace_after_norm: bool = False
 
     def body_modules(self) -> tuple[str, ...]:
         """Every top-level part of the body (embedding, blocks, downsamples, final), not the classifier."""
@@ -66,41 +69,3 @@ class Anatomy:
 
     def last_blocks(self, k: int) -> tuple[Block, ...]:
         return self.blocks[len(self.blocks) - k :] if k > 0 else ()
-
-
-_DESCRIBERS: list[tuple[str, type, object]] = []
-
-
-def register_family(name: str, model_cls: type):
-    """Decorator registering ``describe_<family>(model) -> Anatomy`` for a timm model class."""
-
-    def wrap(fn):
-        _DESCRIBERS.append((name, model_cls, fn))
-        return fn
-
-    return wrap
-
-
-def supported_families() -> list[str]:
-    return [name for name, _, _ in _DESCRIBERS]
-
-
-def family_of(model: nn.Module) -> str | None:
-    for name, cls, _ in _DESCRIBERS:
-        if isinstance(model, cls):
-            return name
-    return None
-
-
-def describe(model: nn.Module) -> Anatomy:
-    """Return the anatomy of a timm model, or raise if its family is not known."""
-    for _, cls, fn in _DESCRIBERS:
-        if isinstance(model, cls):
-            return fn(model)
-    raise IncompatibleMethodError(
-        f"deltavision does not know the structure of {type(model).__name__} models; "
-        f"structural methods support the families: {', '.join(supported_families())}"
-    )
-
-
-from . import families  # noqa: E402,F401  (registers the families)

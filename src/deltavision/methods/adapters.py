@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..anatomy.taps import Grid, install_taps
+from ..anatomy.layout import Grid, from_channels_last, to_channels_last
+from ..anatomy.taps import install_taps
 from ..errors import MethodOptionError
-from .grids import from_channels_last, to_channels_last
 from .registry import register_method
 
 
@@ -55,10 +55,6 @@ class SerialAdapter(Bottleneck):
         return x + super().forward(x, grid)
 
 
-def _branch_names(info) -> tuple[str, ...]:
-    return ("attn", "mlp") if info.kind == "transformer" else ("main",)
-
-
 def _check_width(name: str, width: int) -> None:
     if width < 1:
         raise MethodOptionError(f"{name}: width must be positive, got {width}")
@@ -75,7 +71,7 @@ class HoulsbyConfig:
 @register_method("houlsby", HoulsbyConfig, "bottleneck adapters after MSA and MLP (Houlsby)", owns="dv_taps")
 def apply_houlsby(model: nn.Module, anatomy, config: HoulsbyConfig) -> None:
     for info, taps in zip(anatomy.blocks, install_taps(model, anatomy)):
-        for branch in _branch_names(info):
+        for branch in info.branches:
             taps.branch_out[branch] = SerialAdapter(info.width, config.width, nn.GELU)
 
 
@@ -93,5 +89,5 @@ def apply_adaptformer(model: nn.Module, anatomy, config: AdaptFormerConfig) -> N
     for info, taps in zip(anatomy.blocks, install_taps(model, anatomy)):
         if not info.has_skip:
             continue
-        branch = "mlp" if info.kind == "transformer" else "main"
+        branch = info.branches[-1]
         taps.parallel[branch] = Bottleneck(info.width, config.width, nn.ReLU, config.scale)

@@ -14,13 +14,17 @@ projection. U starts at zero, so the untrained highway reproduces the
 backbone (e_i = l_i for every block). At stage boundaries the highway passes
 through frozen copies of the backbone's downsampling layers (Sec. 3.2,
 "Downsampling"). The classifier reads the last stage through the backbone's
-final norm, which becomes trainable. With ``dense=true`` every stage output
-also gets a trainable norm (the paper's norms before the FPN) and
-``e3va_features`` returns the multi-scale maps for dense-prediction heads.
+final layers, whose norms become trainable. With ``dense=true`` every stage
+output also gets a trainable norm (the paper's norms before the FPN) and
+``E3VAModel.features`` returns the multi-scale maps for dense-prediction heads.
 
-Families: ViT and Swin as in the paper; ConvNeXt (one adapter per block, on
-its single residual branch); EfficientNet, whose resolution- or
-width-changing blocks have no skip, so the highway passes them through frozen
+The method returns an :class:`E3VAModel` owning the backbone (``backbone.*``)
+and the highway (``highway.*``).
+
+Families: transformers as in the paper (ViT, Swin); single-branch convolutional
+blocks get one adapter each. Blocks without an identity skip (EfficientNet's
+resolution- or width-changing blocks, ResNet's blocks with a projection
+shortcut) have no branch to adapt, so the highway passes them through frozen
 copies, the analogue of Swin's inherited patch merging.
 """
 
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import math
-import types
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +40,11 @@ from timm.layers import LayerNorm2d
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..anatomy.taps import transformer_branches
+from ..anatomy.layout import to_nchw_map
 from ..errors import IncompatibleMethodError, MethodOptionError
 from .common import get_module, unfreeze
 from .registry import register_method
+from .wrapper import BackboneWrapper
 
 
 @dataclass
@@ -111,9 +115,8 @@ class Highway(nn.Module):
         self.adapters = nn.ModuleList()
         self.passes = nn.ModuleDict()  # frozen copies the highway goes through
         for i, info in enumerate(anatomy.blocks):
-            branches = ("attn", "mlp") if info.kind == "transformer" else ("main",)
             self.adapters.append(
-                nn.ModuleList(E3VAAdapter(info.width, rank, channel_dim) for _ in branches)
+                nn.ModuleList(E3VAAdapter(info.width, rank, channel_dim) for _ in info.branches)
                 if info.has_skip else nn.ModuleList()
             )
             if not info.has_skip:
@@ -129,97 +132,81 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).requires_grad_(False)
 
 
-def _embed(model: nn.Module, family: str, x: torch.Tensor) -> torch.Tensor:
-    if family == "vit":
-        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    if family == "swin":
-        return model.patch_embed(x)
-    if family == "convnext":
-        return model.stem(x)
-    return model.bn1(model.conv_stem(x))
+class E3VAModel(BackboneWrapper):
+    """The frozen ``backbone`` and its trainable ``highway``; the forward runs the highway (Sec. 3.2)."""
 
+    def __init__(self, backbone: nn.Module, anatomy, rank: int, dense: bool):
+        super().__init__(backbone, anatomy)
+        self.highway = Highway(backbone, anatomy, rank, dense)
 
-def _block_step(model, info, highway, index, l, e):
-    """Run block ``index`` of the backbone without autograd and advance the highway."""
-    block = get_module(model, info.name)
-    with torch.no_grad():
-        if info.kind == "transformer":
-            branches = transformer_branches(block, model.dv_e3va_family)
-            a = branches["attn"](l)
-            l = l + a
-            m = branches["mlp"](l)
-            l, outputs = l + m, (a, m)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Classification: the last stage of the highway through the backbone's (now trainable) final layers."""
+        return self.family.head(self.backbone, self.stage_outputs(images)[-1])
+
+    def stage_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Highway state at the end of every stage (before the stage norms), in the stream layout."""
+        with torch.no_grad():
+            l = self.family.embed(self.backbone, images)
+        e, outputs = l.clone(), []
+        for stage in self.anatomy.stages:
+            if stage.downsample:
+                with torch.no_grad():
+                    l = self.backbone.get_submodule(stage.downsample)(l)
+                e = self.highway.passes[f"down{stage.index}"](e)
+            for index in stage.blocks:
+                l, e = self._block_step(index, l, e)
+            outputs.append(e)
+        return outputs
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-scale highway features as NCHW maps, one per stage after its trainable norm
+        (like ``features_only``); token streams give their patch tokens (prefix dropped)."""
+        if not len(self.highway.stage_norms):
+            raise IncompatibleMethodError("multi-scale features need the stage norms: create the model with dense=true")
+        feats = []
+        for norm, e in zip(self.highway.stage_norms, self.stage_outputs(images)):
+            f = norm(e)
+            feats.append(to_nchw_map(f, self.family.grid(self.backbone, f, tuple(images.shape[-2:]))))
+        return feats
+
+    def _block_step(self, index: int, l: torch.Tensor, e: torch.Tensor):
+        """Run block ``index`` of the backbone without autograd and advance the highway."""
+        info, block = self.anatomy.blocks[index], self.block(index)
+        with torch.no_grad():
+            if info.kind == "transformer":
+                branches = self.family.branches(block)
+                a = branches["attn"](l)
+                l = l + a
+                m = branches["mlp"](l)
+                l, outputs = l + m, (a, m)
+            else:
+                out = block(l)
+                outputs = (out - l,) if info.has_skip else ()
+                l = out
+        if info.has_skip:
+            e = e + sum(adapter(o) for adapter, o in zip(self.highway.adapters[index], outputs))
         else:
-            out = block(l)
-            outputs = (out - l,) if info.has_skip else ()
-            l = out
-    if info.has_skip:
-        e = e + sum(adapter(o) for adapter, o in zip(highway.adapters[index], outputs))
-    else:
-        e = highway.passes[str(index)](e)
-    return l, e
+            e = self.highway.passes[str(index)](e)
+        return l, e
 
 
-def e3va_stage_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Highway state at the end of every stage (before the stage norms)."""
-    anatomy, highway = model.dv_e3va_anatomy, model.dv_e3va
-    with torch.no_grad():
-        l = _embed(model, anatomy.family, x)
-    e, outputs = l.clone(), []
-    for stage in anatomy.stages:
-        if stage.downsample:
-            with torch.no_grad():
-                l = get_module(model, stage.downsample)(l)
-            e = highway.passes[f"down{stage.index}"](e)
-        for index in stage.blocks:
-            l, e = _block_step(model, anatomy.blocks[index], highway, index, l, e)
-        outputs.append(e)
-    return outputs
+def e3va_stage_outputs(model: E3VAModel, x: torch.Tensor) -> list[torch.Tensor]:
+    """Alias of :meth:`E3VAModel.stage_outputs`."""
+    return model.stage_outputs(x)
 
 
-def e3va_features(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Multi-scale highway features, one per stage after its trainable norm (like ``features_only``).
-
-    ViT gives one map of patch tokens (prefix tokens dropped) as B x C x H x W;
-    Swin's NHWC maps are returned as NCHW too.
-    """
-    anatomy = model.dv_e3va_anatomy
-    if not len(model.dv_e3va.stage_norms):
-        raise IncompatibleMethodError("multi-scale features need the stage norms: create the model with dense=true")
-    feats = []
-    for norm, e in zip(model.dv_e3va.stage_norms, e3va_stage_outputs(model, x)):
-        f = norm(e)
-        if anatomy.family == "vit":
-            f = f[:, model.num_prefix_tokens :]
-            h, w = model.patch_embed.dynamic_feat_size(x.shape[-2:])
-            f = f.transpose(1, 2).reshape(f.shape[0], -1, h, w)
-        elif anatomy.layout == "nhwc":
-            f = f.permute(0, 3, 1, 2)
-        feats.append(f)
-    return feats
-
-
-def _e3va_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Classification: the last stage of the highway through the backbone's (now trainable) final layers."""
-    e = e3va_stage_outputs(self, x)[-1]
-    family = self.dv_e3va_anatomy.family
-    if family in ("vit", "swin"):
-        return self.forward_head(self.norm(e))
-    if family == "convnext":
-        return self.forward_head(self.norm_pre(e))
-    return self.forward_head(self.bn2(self.conv_head(e)))
+def e3va_features(model: E3VAModel, x: torch.Tensor) -> list[torch.Tensor]:
+    """Alias of :meth:`E3VAModel.features`."""
+    return model.features(x)
 
 
 @register_method(
-    "e3va", E3VAConfig, "gradient highway of dual low-rank adapters beside the frozen backbone (E3VA)", owns="e3va",
+    "e3va", E3VAConfig, "gradient highway of dual low-rank adapters beside the frozen backbone (E3VA)", owns="highway",
     backprops_backbone=False,
 )
-def apply_e3va(model: nn.Module, anatomy, config: E3VAConfig) -> None:
-    model.dv_e3va = Highway(model, anatomy, config.rank, config.dense)
-    object.__setattr__(model, "dv_e3va_anatomy", anatomy)
-    object.__setattr__(model, "dv_e3va_family", anatomy.family)
+def apply_e3va(model: nn.Module, anatomy, config: E3VAConfig) -> E3VAModel:
     for name in anatomy.final:
         for module in get_module(model, name).modules():
             if isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
                 unfreeze(module)
-    model.forward = types.MethodType(_e3va_forward, model)
+    return E3VAModel(model, anatomy, config.rank, config.dense)

@@ -5,9 +5,10 @@ A (r x in) Kaiming-uniform, B (out x r) zero, so training starts from the
 backbone. By default the update touches the query and value rows of every
 block's fused qkv projection (Sec. 7.1: W_q and W_v); ``targets`` may also
 name block-relative Linear or 1x1-convolution layers ("proj", "fc1", "k", ...).
-Blocks without attention have their own defaults, documented as a choice of
-ours: the MLP's fc1 and fc2 on ConvNeXt, the point-wise convolutions
-(conv_pw, conv_pwl) on EfficientNet, the projections of a CNN.
+Blocks without attention take their family's defaults
+(``Family.lora_targets``), a choice of ours documented with each family: the
+MLP's fc1 and fc2 on ConvNeXt, the point-wise convolutions elsewhere. A
+family without defaults asks for ``targets``.
 ``merge`` adds (alpha / r) B A into W exactly, leaving the plain architecture.
 """
 
@@ -20,19 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..anatomy import get_family
 from ..errors import IncompatibleMethodError, MethodOptionError
 from .common import set_module
 from .registry import register_method
 
 QKV_SLICES = ("q", "k", "v")
-DEFAULT_TARGETS = {"vit": ("q", "v"), "swin": ("q", "v"), "convnext": ("fc1", "fc2"), "efficientnet": ("conv_pw", "conv_pwl")}
 
 
 @dataclass
 class LoRAConfig:
     rank: int = 8
     alpha: float = 8.0
-    targets: tuple = ()  # empty: the family's default (DEFAULT_TARGETS)
+    targets: tuple = ()  # empty: the family's default (Family.lora_targets)
 
     def __post_init__(self):
         if self.rank < 1:
@@ -153,7 +154,12 @@ def _merge_lora(model: nn.Module, anatomy) -> None:
 
 @register_method("lora", LoRAConfig, "low-rank updates of q and v (LoRA); merges into the weights", merge=_merge_lora, owns="lora_")
 def apply_lora(model: nn.Module, anatomy, config: LoRAConfig) -> None:
-    targets = config.targets or DEFAULT_TARGETS[anatomy.family]
+    targets = config.targets or get_family(anatomy.family).lora_targets(model)
+    if not targets:
+        raise MethodOptionError(
+            f"lora: {anatomy.family} backbones like this one have no default LoRA targets; "
+            "name Linear or 1x1 convolution layers of the blocks with --opt targets=..."
+        )
     plan, matched = [], set()
     for info in anatomy.blocks:
         block = model.get_submodule(info.name)

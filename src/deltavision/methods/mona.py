@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..anatomy.taps import Grid, install_taps
+from ..anatomy.layout import Grid, from_channels_last, join_tokens, split_tokens, to_channels_last
+from ..anatomy.taps import install_taps
 from ..errors import MethodOptionError
-from .grids import from_channels_last, join_tokens, split_tokens, to_channels_last
 from .registry import register_method
 
 

@@ -13,8 +13,11 @@ normalisation layer of the body (embedding, blocks, downsampling layers,
 final norm); the classifier is trained directly. On ViT this is the paper's
 list (patch embedding, norm1, qkv, proj, norm2, fc1, fc2, final norm); on Swin
 it adds each PatchMerging norm; on ConvNeXt the stem, downsample, dw-conv,
-norm, fc1, fc2; on EfficientNet, whose convolutions have no bias, every
-BatchNorm (between the normalisation and its fused activation).
+norm, fc1, fc2; on EfficientNet and ResNet, whose convolutions have no bias,
+every BatchNorm (on EfficientNet between the normalisation and its fused
+activation). Where the body overwrites norm outputs in place (ResNet's
+in-place ReLU and skip add), the scale-shift keeps its input for backward
+instead of its output.
 Layers without a bias are skipped: a shift there could not fold without
 changing the architecture.
 """
@@ -74,25 +77,36 @@ def _broadcast_shape(ndim: int, channel_dim: int) -> list[int]:
 
 
 class ScaleShift(nn.Module):
-    """Per-channel gamma * x + beta on the channel axis ``channel_dim``."""
+    """Per-channel gamma * x + beta on the channel axis ``channel_dim``.
 
-    def __init__(self, channels: int, channel_dim: int, init_std: float):
+    ``keep_output``: keep y for backward (see :class:`_ScaleShiftFunction`); off where the
+    next operation may overwrite y in place.
+    """
+
+    def __init__(self, channels: int, channel_dim: int, init_std: float, keep_output: bool = True):
         super().__init__()
         self.channel_dim = channel_dim
+        self.keep_output = keep_output
         self.scale = nn.Parameter(torch.empty(channels).normal_(1.0, init_std))
         self.shift = nn.Parameter(torch.empty(channels).normal_(0.0, init_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ScaleShiftFunction.apply(x, self.scale, self.shift, self.channel_dim)
+        if self.keep_output:
+            return _ScaleShiftFunction.apply(x, self.scale, self.shift, self.channel_dim)
+        shape = _broadcast_shape(x.ndim, self.channel_dim)
+        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
 
 
 class SSFWrapped(nn.Module):
     """``op`` followed by SSF-ADA. ``fold_into_parent``: the op is a norm-act's inner slot."""
 
-    def __init__(self, op: nn.Module, channels: int, channel_dim: int, init_std: float, fold_into_parent=False):
+    def __init__(
+        self, op: nn.Module, channels: int, channel_dim: int, init_std: float, fold_into_parent=False,
+        keep_output=True,
+    ):
         super().__init__()
         self.op = op
-        self.ssf = ScaleShift(channels, channel_dim, init_std)
+        self.ssf = ScaleShift(channels, channel_dim, init_std, keep_output)
         self.fold_into_parent = fold_into_parent
         self.act_was_inplace = False
 
@@ -158,4 +172,5 @@ def apply_ssf(model: nn.Module, anatomy, config: SSFConfig) -> None:
                 module.act.inplace = False
                 module.drop.act_was_inplace = True
         else:
-            set_module(model, name, SSFWrapped(module, channels, channel_dim, config.init_std))
+            wrapped = SSFWrapped(module, channels, channel_dim, config.init_std, keep_output=not anatomy.inplace_after_norm)
+            set_module(model, name, wrapped)

@@ -4,24 +4,26 @@
 register) tokens once the patches are embedded (VPT-Shallow); with
 ``deep=true`` every later block gets its own prompts in their place
 (VPT-Deep). Prompts are initialised uniformly in +-sqrt(6 / (3 p^2 + C)), as
-Xavier for a patch-sized fan-in. They are counted as prefix tokens, so the
-head's average pooling and timm's intermediate-feature helpers leave them out,
-while the position embedding is still resampled for the real prefix only. ViT-style token
-backbones only.
+Xavier for a patch-sized fan-in.
+
+The method returns a :class:`VPTModel` owning the backbone: the position
+embedding is the backbone's own (real prefix only), and the head's average
+pooling counts the prompts as prefix tokens, so leaves them out. Backbones
+whose stream is a token sequence only.
 """
 
 from __future__ import annotations
 
 import math
-import types
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..anatomy.taps import Grid, install_taps
+from ..anatomy import supported_families
 from ..errors import MethodOptionError
 from .registry import register_method
+from .wrapper import BackboneWrapper
 
 
 @dataclass
@@ -40,57 +42,47 @@ def _prompt(num_tokens: int, channels: int, patch_size: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(1, num_tokens, channels).uniform_(-bound, bound))
 
 
-class PromptInsert(nn.Module):
-    """After ``inner`` (the embedding's last module): [prefix, prompts, patches]."""
+class VPTModel(BackboneWrapper):
+    """The frozen ``backbone`` and its ``prompts`` (one set, or one per block when deep).
 
-    def __init__(self, inner: nn.Module, prompts: nn.Parameter, num_prefix_tokens: int, dropout: float):
-        super().__init__()
-        self.inner = inner
-        self.prompts = prompts
-        self.num_prefix_tokens = num_prefix_tokens
-        self.dropout = nn.Dropout(dropout)
+    forward: the Family's embedding, the prompts inserted after the prefix
+    tokens, the blocks (a deep model swaps in block i's prompts before block i),
+    and the Family's head with the prompts counted as prefix tokens.
+    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.inner(x)
-        prompts = self.dropout(self.prompts).expand(x.shape[0], -1, -1)
-        return torch.cat([x[:, : self.num_prefix_tokens], prompts, x[:, self.num_prefix_tokens :]], dim=1)
+    def __init__(self, backbone: nn.Module, anatomy, config: VPTConfig):
+        super().__init__(backbone, anatomy)
+        channels, sets = anatomy.blocks[0].width, len(anatomy.blocks) if config.deep else 1
+        self.prompts = nn.ParameterList(_prompt(config.num_tokens, channels, anatomy.patch_size) for _ in range(sets))
+        self.dropout = nn.Dropout(config.dropout)
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Prefix tokens the blocks see: the backbone's own, then the prompts."""
+        return self.anatomy.num_prefix_tokens + self.prompts[0].shape[1]
 
-class PromptReplace(nn.Module):
-    """Before a block: swap the previous block's prompt outputs for this block's prompts."""
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.family.embed(self.backbone, images)
+        for stage in self.anatomy.stages:
+            if stage.downsample:
+                x = self.backbone.get_submodule(stage.downsample)(x)
+            for index in stage.blocks:
+                if index < len(self.prompts):
+                    x = self._with_prompts(x, index, replace=index > 0)
+                x = self.block(index)(x)
+        return self.family.head(self.backbone, x, num_prefix_tokens=self.num_prefix_tokens)
 
-    def __init__(self, prompts: nn.Parameter, num_prefix_tokens: int, dropout: float):
-        super().__init__()
-        self.prompts = prompts
-        self.num_prefix_tokens = num_prefix_tokens
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        start, stop = self.num_prefix_tokens, self.num_prefix_tokens + self.prompts.shape[1]
-        prompts = self.dropout(self.prompts).expand(x.shape[0], -1, -1)
-        return torch.cat([x[:, :start], prompts, x[:, stop:]], dim=1)
-
-
-@register_method("vpt", VPTConfig, "learnable prompt tokens, shallow or deep (VPT)", families={"vit"}, owns="prompts")
-def apply_vpt(model: nn.Module, anatomy, config: VPTConfig) -> None:
-    channels, prefix = anatomy.blocks[0].width, anatomy.num_prefix_tokens
-    first = _prompt(config.num_tokens, channels, anatomy.patch_size)
-    model.norm_pre = PromptInsert(model.norm_pre, first, prefix, config.dropout)
-    if config.deep:
-        for taps in install_taps(model, anatomy)[1:]:
-            taps.before_block.append(PromptReplace(_prompt(config.num_tokens, channels, anatomy.patch_size),
-                                                   prefix, config.dropout))
-    model.num_prefix_tokens = prefix + config.num_tokens
-    object.__setattr__(model, "dv_prefix_before_prompts", prefix)
-    model._pos_embed = types.MethodType(_pos_embed_before_prompts, model)
+    def _with_prompts(self, x: torch.Tensor, index: int, replace: bool) -> torch.Tensor:
+        """[prefix, prompts ``index``, patches]; ``replace`` drops the prompts ``x`` already holds."""
+        start = self.anatomy.num_prefix_tokens
+        prompts = self.dropout(self.prompts[index]).expand(x.shape[0], -1, -1)
+        rest = start + prompts.shape[1] if replace else start
+        return torch.cat([x[:, :start], prompts, x[:, rest:]], dim=1)
 
 
-def _pos_embed_before_prompts(self, x: torch.Tensor) -> torch.Tensor:
-    """timm's position embedding, which must count only the real prefix tokens
-    (it resamples ``pos_embed`` for other image sizes); the prompts come later."""
-    with_prompts = self.num_prefix_tokens
-    self.num_prefix_tokens = self.dv_prefix_before_prompts
-    try:
-        return type(self)._pos_embed(self, x)
-    finally:
-        self.num_prefix_tokens = with_prompts
+@register_method(
+    "vpt", VPTConfig, "learnable prompt tokens, shallow or deep (VPT)", families=supported_families(layout="tokens"),
+    owns="prompts",
+)
+def apply_vpt(model: nn.Module, anatomy, config: VPTConfig) -> VPTModel:
+    return VPTModel(model, anatomy, config)

@@ -7,13 +7,12 @@ from typing import Any
 
 from torch import nn
 
-from ..anatomy import Anatomy, describe
-from ..anatomy.core import family_of
+from ..anatomy import Anatomy, describe, family_of
 from ..backbones import create_backbone
 from ..errors import IncompatibleMethodError
 from ..methods import get_method, make_config
 from ..methods.base import MethodSpec
-from ..methods.common import get_module, unfreeze
+from ..methods.common import unfreeze
 from ..options import config_options
 from .modes import keep_statistics, release_all
 from .state import ModelSpec, spec_of
@@ -65,8 +64,8 @@ def adapt(
 def _apply(model, backbone: str, spec: MethodSpec, config, backbone_options, zero_head: bool) -> nn.Module:
     anatomy = _anatomy_for(model, spec, backbone)
     model.requires_grad_(False)
-    classifier = get_module(model, anatomy.classifier)
     adapted = spec.apply(model, anatomy, config) or model
+    classifier = adapted.get_classifier()
     if zero_head:
         for param in classifier.parameters():
             nn.init.zeros_(param)
@@ -85,13 +84,14 @@ def method_misfit(backbone: str, method: str, backbone_options: dict[str, Any] |
     spec = get_method(method)
     if spec.structure_free:
         return None
-    return spec.misfit(family_of(timm.create_model(backbone, pretrained=False, **(backbone_options or {}))), backbone)
+    family = family_of(timm.create_model(backbone, pretrained=False, **(backbone_options or {})))
+    return spec.misfit(family.name if family else None, backbone)
 
 
 def _anatomy_for(model: nn.Module, spec: MethodSpec, backbone: str) -> Anatomy:
     """The backbone's anatomy; structure-free methods also accept families deltavision does not know."""
     family = family_of(model)
-    reason = spec.misfit(family, f"{backbone} ({type(model).__name__})")
+    reason = spec.misfit(family.name if family else None, f"{backbone} ({type(model).__name__})")
     if reason:
         raise IncompatibleMethodError(reason)
     if family is not None:

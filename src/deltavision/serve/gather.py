@@ -2,32 +2,39 @@
 
     Gather_k(x) = z_0 + z_1 + ... + z_k,   k in {N/4, N/2, 3N/4, N}
 
-Plain backbones (ViT family): z_0 is the embedding output as the blocks see it,
-i.e. ``patch_embed -> _pos_embed -> patch_drop -> norm_pre`` (prefix tokens and
-position embedding included), and z_i is the output of block i. N is the depth.
+z_0 is the stream entering the first block as the backbone's Family embeds it
+(for ViT ``patch_embed -> _pos_embed -> patch_drop -> norm_pre``: prefix
+tokens and position embedding included) and z_i is the output of block i.
 
-Hierarchical and convolutional backbones (Swin, ConvNeXt, EfficientNet): blocks
-of different stages differ in width and resolution, so they cannot be summed.
-The sum runs along the residual stream of the last stage that has one:
+On a plain backbone (ViT) every block keeps the stream's shape and N is the
+depth. On hierarchical backbones blocks of different stages differ in width and
+resolution, so the running sum cannot simply add them. Two spans:
 
-- the layers before that stream run exactly as the backbone runs them (the
-  embedding modules, then every earlier stage's downsample and blocks);
-- z_0 is the stream entering that stage's first residual block, that is the
-  stage input after its downsampling: Swin's PatchMerging, ConvNeXt's
-  downsample, or, for EfficientNet, the stage's leading strided and
-  width-changing block(s), which have no skip connection;
-- z_1..z_N are the outputs of the stage's residual blocks.
+``span="all"`` (default; the paper's SegFormer variant, appendix Sec. 8): k
+ranges over ALL N blocks of the body (Swin-T: N = 12, k in {3, 6, 9, 12}).
+The running sum z_0 + ... + z_i crosses a stage boundary through that stage's
+frozen downsampling module (Swin's PatchMerging, ConvNeXt's downsample), as the
+stream does. A block without an identity skip (EfficientNet's and ResNet's
+first block of a stage, which change resolution or width) is its stage's
+downsampling: the sum passes through the block itself, exactly as the stream
+does, instead of gaining the block's output. That is the only way to carry a
+sum across a shape change with the backbone's own frozen layers, and it treats
+such blocks like E3VA treats them. Such blocks still count towards k. Once k
+blocks are summed, Gather_k is carried on through every later downsampling
+(and skip-less block) without adding further outputs, so that every k yields
+the same shape.
 
-"Last stage that has one" matters for EfficientNet: its final stage is a single
-width-changing block with no skip (tf_efficientnet_lite0: blocks.6, 192 -> 320
-channels), so the stream summed is the one before it (blocks.5: z_0 = output of
-blocks.5.0, N = 3). Layers after the summed stream (EfficientNet's last stage and
-conv_head, the final norms) are not run: they are not part of any z_i. This
-differs from the paper's SegFormer variant (appendix Sec. 8), which pushes the
-sum through every stage's downsampling module.
+``span="last_stage"``: the sum runs along the residual stream of the last stage
+that has one. Everything before it runs as the backbone runs it; z_0 is the
+stream entering that stage's first residual block (after its downsampling or
+its leading skip-less blocks) and N counts the stage's residual blocks. For
+EfficientNet-Lite0, whose last stage is a single skip-less block, that is
+``blocks.5`` (N = 3).
 
-Output layout is always tokens, (B, T, C): ViT tokens as they are (prefix
-tokens first), NHWC and NCHW maps flattened row-major into H*W tokens.
+Layers after the last block (EfficientNet's conv_head, final norms) are never
+run. Wire shape: always tokens, (B, T, C), at the last stage's resolution and
+width: ViT tokens as they are (prefix tokens first), NHWC and NCHW maps
+flattened row-major into H*W tokens (:func:`~deltavision.anatomy.layout.to_tokens`).
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..anatomy import Anatomy, describe
+from ..anatomy import Anatomy, describe, get_family
+from ..anatomy.layout import to_tokens
 from ..errors import IncompatibleMethodError
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
@@ -49,15 +57,6 @@ def candidate_ks(num_blocks: int) -> tuple[int, ...]:
     if num_blocks < 1:
         raise ValueError(f"need at least one block to gather over, got {num_blocks}")
     return tuple(sorted({max(1, int(num_blocks * quarter / 4 + 0.5)) for quarter in (1, 2, 3, 4)}))
-
-
-def to_tokens(stream: torch.Tensor, layout: str) -> torch.Tensor:
-    """(B, T, C) view of a stream in ``layout`` ("tokens", "nhwc" or "nchw")."""
-    if layout == "tokens":
-        return stream
-    if layout == "nhwc":
-        return stream.flatten(1, 2)
-    return stream.flatten(2).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -73,27 +72,49 @@ class GatherShape:
     num_prefix_tokens: int
 
 
+@dataclass(frozen=True)
+class Step:
+    """A module of the body after the embedding. A block whose output ``adds`` to the running sum,
+    or a layer the sum goes through (a downsampling layer, a block without an identity skip)."""
+
+    name: str
+    module: Layer
+    is_block: bool
+    adds: bool
+
+
+SPANS = ("all", "last_stage")
+
+
 class Gatherer:
     """Runs a timm backbone once per batch and returns Gather_k for several k (running sums).
 
-    The model is put in eval mode; no gradient is ever taken.
+    The model is put in eval mode; no gradient is ever taken. ``span``: "all" or "last_stage"
+    (see the module docstring).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, span: str = "all"):
+        if span not in SPANS:
+            raise ValueError(f"span must be one of {', '.join(SPANS)}, got {span!r}")
         self.model = model.eval()
         self.anatomy = describe(model)
-        stage = _summed_stage(self.anatomy)
-        lead, summed = _split_stage(self.anatomy, stage)
+        self.span = span
         self.family = self.anatomy.family
         self.layout = self.anatomy.layout
-        self.summed_blocks = tuple(self.anatomy.blocks[i].name for i in summed)
-        self._prelude = self._prelude_layers(stage, lead)
-        self._blocks = [model.get_submodule(name) for name in self.summed_blocks]
+        self._family = get_family(self.family)
+        if span == "all":
+            self._prelude, self._steps = [], self._all_steps()
+        else:
+            stage = _summed_stage(self.anatomy)
+            lead, summed = _split_stage(self.anatomy, stage)
+            self._prelude = self._prelude_layers(stage, lead)
+            self._steps = [self._block_step(i) for i in summed]
+        self.summed_blocks = tuple(step.name for step in self._steps if step.is_block)
 
     @property
     def num_blocks(self) -> int:
-        """N: how many block outputs Gather_N sums (besides z_0)."""
-        return len(self._blocks)
+        """N: how many blocks Gather_N runs through (besides the embedding z_0)."""
+        return len(self.summed_blocks)
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -103,65 +124,70 @@ class Gatherer:
         """``{k: Gather_k(images)}`` as (B, T, C) float tensors, from one pass that stops at max(ks)."""
         wanted = sorted(set(self.ks if ks is None else ks))
         self._check_ks(wanted)
-        gathered = {}
-        with torch.inference_mode():
-            stream = images
-            for layer in self._prelude:
-                stream = layer(stream)
-            total = stream  # z_0
-            for index, block in enumerate(self._blocks[: wanted[-1]], start=1):
-                stream = block(stream)
-                total = total + stream
-                if index in wanted:
-                    gathered[index] = to_tokens(total, self.layout).contiguous()
-        return gathered
+        return {k: to_tokens(total, self.layout).contiguous() for k, total in self._sums(images, wanted).items()}
 
     def output_shape(self, image_size: int) -> GatherShape:
         """Shape of Gather_k for one ``image_size`` x ``image_size`` image (runs one blank image)."""
-        probe = torch.zeros(1, 3, image_size, image_size)
+        total = self._sums(torch.zeros(1, 3, image_size, image_size), [1])[1]
+        grid = self._family.grid(self.model, total, (image_size, image_size))
+        tokens = to_tokens(total, self.layout)
+        return GatherShape(tokens.shape[1], tokens.shape[2], (int(grid.height), int(grid.width)), grid.num_prefix_tokens)
+
+    def _sums(self, images: torch.Tensor, wanted: Sequence[int]) -> dict[int, torch.Tensor]:
+        """{k: Gather_k} in the stream layout, carried to the last stage's shape."""
+        gathered, done = {}, 0
         with torch.inference_mode():
-            stream = probe
+            stream = self._family.embed(self.model, images)
             for layer in self._prelude:
                 stream = layer(stream)
-        prefix = self.anatomy.num_prefix_tokens if self.layout == "tokens" else 0
-        tokens = to_tokens(stream, self.layout)
-        return GatherShape(tokens.shape[1], tokens.shape[2], self._grid(stream, image_size), prefix)
+            total = stream  # z_0
+            for position, step in enumerate(self._steps):
+                if done == wanted[-1]:
+                    break
+                before, stream = stream, step.module(stream)
+                if step.adds:
+                    total = total + stream
+                else:
+                    total = stream if total is before else step.module(total)
+                done += step.is_block
+                if step.is_block and done in wanted:
+                    gathered[done] = self._carry(total, position + 1)
+        return gathered
 
-    def _grid(self, stream: torch.Tensor, image_size: int) -> tuple[int, int]:
-        if self.layout == "nhwc":
-            return (stream.shape[1], stream.shape[2])
-        if self.layout == "nchw":
-            return (stream.shape[2], stream.shape[3])
-        height, width = self.model.patch_embed.dynamic_feat_size((image_size, image_size))
-        return (int(height), int(width))
+    def _carry(self, total: torch.Tensor, start: int) -> torch.Tensor:
+        """``total`` through every later layer the sum passes through, adding no more outputs."""
+        for step in self._steps[start:]:
+            if not step.adds:
+                total = step.module(total)
+        return total
 
     def _check_ks(self, ks: Sequence[int]) -> None:
         bad = [k for k in ks if not 1 <= k <= self.num_blocks]
         if not ks or bad:
             raise ValueError(f"k must lie in 1..{self.num_blocks} for this backbone, got {list(ks)}")
 
+    def _all_steps(self) -> list[Step]:
+        steps = []
+        for stage in self.anatomy.stages:
+            if stage.downsample:
+                steps.append(Step(stage.downsample, self.model.get_submodule(stage.downsample), False, False))
+            steps += [self._block_step(i) for i in stage.blocks]
+        return steps
+
+    def _block_step(self, index: int) -> Step:
+        info = self.anatomy.blocks[index]
+        return Step(info.name, self.model.get_submodule(info.name), True, info.has_skip)
+
     def _prelude_layers(self, stage, lead: Sequence[int]) -> list[Layer]:
-        """Everything that runs before z_0: embedding, earlier stages, this stage's downsampling."""
-        layers = [_vit_embedding(self.model)] if self.family == "vit" else self._modules(self.anatomy.embed)
+        """Everything between the embedding and z_0: earlier stages, this stage's downsampling."""
+        layers = []
         for earlier in self.anatomy.stages[: stage.index]:
             layers += self._stage_layers(earlier, earlier.blocks)
         return layers + self._stage_layers(stage, lead)
 
     def _stage_layers(self, stage, block_indices: Sequence[int]) -> list[Layer]:
         names = ([stage.downsample] if stage.downsample else []) + [self.anatomy.blocks[i].name for i in block_indices]
-        return self._modules(names)
-
-    def _modules(self, names: Iterable[str]) -> list[Layer]:
         return [self.model.get_submodule(name) for name in names]
-
-
-def _vit_embedding(model: nn.Module) -> Layer:
-    """timm VisionTransformer's embedding, as forward_features runs it before the blocks."""
-
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
-
-    return embed
 
 
 def _summed_stage(anatomy: Anatomy):
