@@ -67,16 +67,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        lead, pieces, start = out.shape[:-1], [], 0
-        for name, rows in sorted(self.slices.items(), key=lambda item: item[1].start):
-            if rows.start > start:
-                pieces.append(out.new_zeros(*lead, rows.start - start))
-            low_rank = F.linear(F.linear(x, self.lora_a[name]), self.lora_b[name])
-            pieces.append(self.scaling * low_rank)
-            start = rows.stop
-        if start < out.shape[-1]:
-            pieces.append(out.new_zeros(*lead, out.shape[-1] - start))
-        return out + torch.cat(pieces, dim=-1)
+        for name, rows in self.slices.items():
+            # added into the rows in place: no full-width zero delta is built (the base's output is not
+            # needed for its own backward, so autograd allows it)
+            out[..., rows].add_(F.linear(F.linear(x, self.lora_a[name]), self.lora_b[name]), alpha=self.scaling)
+        return out
 
 
 class LoRAConv1x1(nn.Module):
