@@ -222,7 +222,7 @@ def fill_vit_b_store(root: Path, count: int) -> tuple[str, list[str]]:
 def memory_worker(mode: str, allocator: str, root: str, model_dir: str, count: int, package_dir: str) -> dict:
     torch.set_num_threads(1)
     edge_only_imports(package_dir)
-    from deltavision.serve.memory import release_large_blocks
+    from deltavision.memory import release_large_blocks
 
     if allocator == "low-memory":
         assert release_large_blocks()

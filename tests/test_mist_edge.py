@@ -223,7 +223,7 @@ NO_TIMM_SCRIPT = textwrap.dedent(
     from deltavision.serve.store import FeatureStore
     from deltavision.serve.tasks import FitOptions, fit_edge
     from deltavision.serve.edge import load_edge
-    from deltavision.serve.memory import release_large_blocks
+    from deltavision.memory import release_large_blocks
 
     applied = release_large_blocks()  # what the edge CLI does first
     root, out = sys.argv[2], sys.argv[3]

@@ -231,6 +231,55 @@ def merge(
     console.print(f"wrote {out}; load it with plain timm:\n  {snippet}", soft_wrap=True, highlight=False)
 
 
+@app.command("plan")
+def plan_methods(
+    backbone: str = typer.Option(EMBEDDED_BACKBONE, help=BACKBONE_HELP),
+    image_size: int = typer.Option(224, min=8, help="Training input size."),
+    batch: int = typer.Option(32, min=1, help="The batch you want to train with (per device)."),
+    method: Optional[List[str]] = typer.Option(None, help="Methods to plan (repeatable) \\[default: all that fit]."),
+    task: str = typer.Option("classification", help="Task (classification)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 24GB \\[default: the GPU's total; none on CPU]."),
+    backbone_opt: Optional[List[str]] = typer.Option(None, help=BACKBONE_OPT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Which method fits my device: measures each method at two small batches (fresh processes, random
+    weights), extrapolates memory and step time linearly to --batch, and finds the largest batch that fits."""
+    from .methods import list_methods
+    from .model import method_misfit
+    from .plan import parse_memory, plan
+    from .train.device import resolve_device
+
+    if task != "classification":
+        raise typer.BadParameter(f"--task {task}: only classification is planned so far")
+    target = resolve_device(device)
+    budget = parse_memory(memory) if memory else None
+    if budget is None and target.type == "cuda":
+        import torch
+
+        budget = torch.cuda.get_device_properties(target).total_memory
+    options = _backbone_options(backbone_opt)
+    chosen = method or [m for m in list_methods() if method_misfit(backbone, m, options) is None]
+
+    def progress(index, total, name):
+        if not as_json:
+            err_console.print(f"[{index}/{total}] measuring {name} ...", highlight=False)
+
+    rows = plan(backbone, chosen, image_size, batch, device=str(target), precision=precision, budget_bytes=budget,
+                backbone_options=options or None, on_method=progress)
+    if as_json:
+        print(json.dumps([dict(r.__dict__) for r in rows]))
+        return
+    table = Table("method", f"memory at {batch} MiB", f"step at {batch} s", "fits", "largest batch",
+                  title=f"{backbone}, {image_size} px, {precision} on {target}")
+    for r in rows:
+        table.add_row(r.method, f"{r.memory_bytes / 2**20:,.0f}", f"{r.step_seconds:.3f}",
+                      "-" if r.fits is None else ("yes" if r.fits else "no"),
+                      "-" if r.max_batch is None else str(r.max_batch))
+    console.print(table)
+
+
 @app.command("compare")
 def compare_methods(
     data: str = typer.Option(EMBEDDED_DATA, help=DATA_HELP),

@@ -50,7 +50,7 @@ def _edge_process(threads: int, low_memory: bool) -> None:
     """Settings every edge command applies before it allocates anything."""
     _set_threads(threads)
     if low_memory:
-        from .memory import release_large_blocks
+        from ..memory import release_large_blocks
 
         release_large_blocks()
 

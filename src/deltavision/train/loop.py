@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteLossError
+from ..memory import release_large_blocks
 from ..schedule import warmup_then_cosine
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import autocast, check_precision, grad_scaler, resolve_device
@@ -133,6 +134,8 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
     device = resolve_device(config.device)
     check_precision(device, config.precision)
     world = setup(device)
+    if device.type == "cpu":
+        release_large_blocks()
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     net, model = model, getattr(model, "_orig_mod", model)  # torch.compile'd: save the module it wraps

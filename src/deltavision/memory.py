@@ -1,4 +1,7 @@
-"""Keeping an edge process's resident memory close to what its tensors use.
+"""Keeping a CPU process's resident memory close to what its tensors use.
+
+Applied once at the start of every CPU training (the trainer, the MIST edge
+trainer) and serving process, and by ``deltavision plan`` before it measures.
 
 glibc's malloc adapts its mmap threshold upwards whenever a large mapped block
 is freed, so later activation-sized blocks (19 MB for a batch of 32 ViT-B/16
