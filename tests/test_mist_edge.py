@@ -12,12 +12,12 @@ import torch
 
 import deltavision
 from deltavision.errors import AdapterFileError
-from deltavision.serve.cache import FeatureLRU
-from deltavision.serve.edge import EdgeConfig, EdgeNetwork, default_qkv_width, load_edge, save_edge
+from deltavision.mist.server.cache import FeatureLRU
+from deltavision.mist.edge.network import EdgeConfig, EdgeNetwork, default_qkv_width, load_edge, save_edge
 from deltavision.schedule import warmup_then_cosine
-from deltavision.serve.fit import FeatureSet, FitConfig, evaluate_edge, train_edge
-from deltavision.serve.store import FeatureStore
-from deltavision.serve.wire import PayloadError, pack, quantize_int8, to_float32, unpack
+from deltavision.mist.edge.fit import FeatureSet, FitConfig, evaluate_edge, train_edge
+from deltavision.mist.edge.store import FeatureStore
+from deltavision.mist.wire import PayloadError, pack, quantize_int8, to_float32, unpack
 
 TOKENS, WIDTH = 17, 32
 
@@ -94,7 +94,7 @@ def test_payload_round_trip_per_dtype(dtype, tolerance):
     gathered = {k: torch.randn(3, TOKENS, WIDTH) * (k + 1) for k in (1, 3)}
     data = pack(gathered, dtype, ["x", "y", "z"], {"backbone": "tiny"})
     payload = unpack(data)
-    assert payload.ks == [1, 3] and payload.hashes == ["x", "y", "z"] and payload.dtype == dtype
+    assert payload.ks == [1, 3] and payload.digests == ["x", "y", "z"] and payload.dtype == dtype
     assert payload.metadata["backbone"] == "tiny"
     for k, original in gathered.items():
         assert payload.features[k].dtype == {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}[dtype]
@@ -164,15 +164,22 @@ def test_feature_spaces_of_different_services_stay_apart(tmp_path):
 def test_lru_is_bounded_by_bytes_and_evicts_least_recently_used():
     entry = lambda: {1: torch.zeros(10), 2: torch.zeros(15)}  # noqa: E731  100 bytes
     cache = FeatureLRU(max_bytes=250)
-    cache.put("a", entry())
-    cache.put("b", entry())
+    cache.keep("a", entry())
+    cache.keep("b", entry())
     assert cache.get("a") is not None  # a is now the most recent
-    cache.put("c", entry())
+    cache.keep("c", entry())
     assert "b" not in cache and "a" in cache and "c" in cache
     assert cache.bytes == 200 and cache.stats()["hits"] == 1
     assert cache.get("zz") is None and cache.misses == 1
-    cache.put("huge", {1: torch.zeros(100)})
+    cache.keep("huge", {1: torch.zeros(100)})
     assert "huge" not in cache and len(cache) == 2
+
+
+def test_lru_keeps_the_first_answer_for_a_digest():
+    cache = FeatureLRU(max_bytes=1000)
+    first = {1: torch.zeros(10)}
+    assert cache.keep("a", first) is first
+    assert cache.keep("a", {1: torch.ones(10)}) is first and cache.get("a") is first
 
 
 # --- training on stored features ------------------------------------------------------------------
@@ -219,11 +226,11 @@ NO_TIMM_SCRIPT = textwrap.dedent(
     sys.modules["deltavision"] = package
 
     import torch
-    from deltavision.serve.fit import FitConfig
-    from deltavision.serve.store import FeatureStore
-    from deltavision.serve.tasks import FitOptions, fit_edge
-    from deltavision.serve.edge import load_edge
-    from deltavision.serve.memory import release_large_blocks
+    from deltavision.mist.edge.fit import FitConfig
+    from deltavision.mist.edge.store import FeatureStore
+    from deltavision.mist.edge.commands import FitOptions, fit_edge
+    from deltavision.mist.edge.network import load_edge
+    from deltavision.mist.edge.memory import release_large_blocks
 
     applied = release_large_blocks()  # what the edge CLI does first
     root, out = sys.argv[2], sys.argv[3]
@@ -235,7 +242,7 @@ NO_TIMM_SCRIPT = textwrap.dedent(
         features = torch.randn(24, 5, 16, generator=generator) + torch.tensor(labels)[:, None, None]
         store.write_shard(k, "float16", names, features.half(), None)
     service = {"backbone": "vit_base_patch16_224", "family": "vit", "fingerprint": "fp", "image_size": 224,
-               "mean": [0.5] * 3, "std": [0.5] * 3, "feature_shape": [5, 16], "k_values": [1, 2], "num_blocks": 2}
+               "mean": [0.5] * 3, "std": [0.5] * 3, "feature_shape": [5, 16], "ks": [1, 2], "num_blocks": 2}
     pairs = [[n, l] for n, l in zip(names, labels)]
     store.write_manifest({"classes": ["even", "odd"], "train": pairs[:16], "val": pairs[16:], "service": service})
     summary = fit_edge(FitOptions(out=out, cache=root, offline=True, k="auto", dtype="float16",

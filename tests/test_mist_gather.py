@@ -5,7 +5,7 @@ import timm
 import torch
 from conftest import IMAGE_SIZE, TINY, random_images
 
-from deltavision.serve.gather import Gatherer, candidate_ks, to_tokens
+from deltavision.mist.server.gather import Gather, candidate_ks, to_tokens
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 
@@ -36,7 +36,7 @@ def test_vit_gather_is_embedding_plus_block_outputs_from_forward_intermediates()
         torch.cat([prefix, patches], dim=1)
         for prefix, patches in zip(timm_outputs["image_intermediates_prefix"], timm_outputs["image_intermediates"])
     ]
-    gathered = Gatherer(model)(images)
+    gathered = Gather(model)(images)
     assert sorted(gathered) == [1, 2, 3, 4]
     for k, features in gathered.items():
         manual = embedded["z0"] + sum(blocks[:k])
@@ -51,7 +51,7 @@ def test_vit_gather_n_ends_at_the_stream_forward_features_normalises():
     model.blocks[-1].register_forward_hook(lambda module, args, output: last.setdefault("out", output))
     with torch.no_grad():
         model.forward_features(images)
-    gathered = Gatherer(model)(images, ks=[3, 4])
+    gathered = Gather(model)(images, ks=[3, 4])
     difference = gathered[4] - gathered[3]  # z_4, the last block's output
     torch.testing.assert_close(difference, last["out"], rtol=1e-4, atol=1e-4)
 
@@ -62,8 +62,8 @@ def test_staged_backbones_sum_the_last_residual_stream_as_the_backbone_runs_it(f
     with hooks during timm's own forward_features."""
     name, options = TINY[family]
     model = seeded(name, **options)
-    gatherer = Gatherer(model)
-    blocks = [model.get_submodule(block) for block in gatherer.summed_blocks]
+    gather = Gather(model)
+    blocks = [model.get_submodule(block) for block in gather.summed_blocks]
     seen = {"outputs": []}
     blocks[0].register_forward_pre_hook(lambda module, args: seen.setdefault("z0", args[0]))
     for block in blocks:
@@ -71,10 +71,10 @@ def test_staged_backbones_sum_the_last_residual_stream_as_the_backbone_runs_it(f
     images = random_images(2, size=IMAGE_SIZE)
     with torch.no_grad():
         model.forward_features(images)
-    gathered = gatherer(images)
+    gathered = gather(images)
     assert sorted(gathered) == list(candidate_ks(len(blocks)))
     for k, features in gathered.items():
-        manual = to_tokens(seen["z0"] + sum(seen["outputs"][:k]), gatherer.layout)
+        manual = to_tokens(seen["z0"] + sum(seen["outputs"][:k]), gather.layout)
         torch.testing.assert_close(features, manual, rtol=1e-5, atol=1e-5)
 
 
@@ -87,14 +87,14 @@ def test_summed_stage_choices_per_family():
     }
     for family, expected in expectations.items():
         name, options = TINY[family]
-        assert Gatherer(seeded(name, **options)).summed_blocks == expected
+        assert Gather(seeded(name, **options)).summed_blocks == expected
 
 
 def test_gather_output_is_tokens_for_every_layout():
     name, options = TINY["convnext"]
-    gatherer = Gatherer(seeded(name, **options))
-    shape = gatherer.output_shape(64)
-    features = gatherer(random_images(2, size=64))[1]
+    gather = Gather(seeded(name, **options))
+    shape = gather.output_shape(64)
+    features = gather(random_images(2, size=64))[1]
     assert features.shape == (2, shape.tokens, shape.width) == (2, 4, 64)
     assert shape.grid == (2, 2) and shape.num_prefix_tokens == 0
 
@@ -104,12 +104,12 @@ def test_one_pass_stops_at_the_largest_k_asked_and_takes_no_gradient():
     calls = []
     for index, block in enumerate(model.blocks):
         block.register_forward_hook(lambda module, args, output, index=index: calls.append(index))
-    gathered = Gatherer(model)(random_images(1).requires_grad_(), ks=[1, 2])
+    gathered = Gather(model)(random_images(1).requires_grad_(), ks=[1, 2])
     assert calls == [0, 1]
     assert not any(t.requires_grad for t in gathered.values())
 
 
 def test_unknown_k_is_refused():
-    gatherer = Gatherer(seeded("vit_small_patch16_224", **TINY_VIT))
+    gather = Gather(seeded("vit_small_patch16_224", **TINY_VIT))
     with pytest.raises(ValueError, match="1..4"):
-        gatherer(random_images(1), ks=[5])
+        gather(random_images(1), ks=[5])

@@ -1,4 +1,4 @@
-"""MIST against a real feature service: `python -m deltavision.serve serve` on a free loopback port.
+"""MIST against a real feature service: `python -m deltavision.mist serve` on a free loopback port.
 
 End-to-end edge training on real digits through the CLI, resuming an interrupted
 feature download without refetching, and a bounded concurrent load.
@@ -25,11 +25,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from deltavision.data import write_image_folder
-from deltavision.serve.cli import edge_app, serve_command
-from deltavision.serve.client import FeatureClient, ServiceError, download_features, labelled_images
-from deltavision.serve.edge import read_edge_config
-from deltavision.serve.store import FeatureStore
-from deltavision.serve.wire import unpack
+from deltavision.mist.cli import edge_app, serve_command
+from deltavision.mist.edge.client import FeatureClient, ServiceError, download_features, labelled_images
+from deltavision.mist.edge.network import read_edge_config
+from deltavision.mist.edge.store import FeatureStore
+from deltavision.mist.wire import unpack
 
 TOKEN = "live-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -53,7 +53,7 @@ def server(tmp_path_factory):
     options = {key: int(value) for key, value in (option.split("=") for option in VIT_OPTIONS)}
     weights = timm.create_model("vit_small_patch16_224", pretrained=False, **options).state_dict()
     save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(checkpoint))
-    command = [sys.executable, "-m", "deltavision.serve", "serve", "--backbone", "vit_small_patch16_224",
+    command = [sys.executable, "-m", "deltavision.mist", "serve", "--backbone", "vit_small_patch16_224",
                "--checkpoint", str(checkpoint), "--port", str(port), "--max-wait-ms", "20", "--max-images", "16"]  # fmt: skip
     for option in VIT_OPTIONS:
         command += ["--backbone-opt", option]
@@ -184,7 +184,7 @@ class Interrupted(Exception):
 
 
 class RecordingClient(FeatureClient):
-    """Records the hashes it sends; with ``die_after`` it dies after that many answered requests,
+    """Records the digests it sends; with ``die_after`` it dies after that many answered requests,
     the last one answered but never stored (the batch in flight is lost)."""
 
     def __init__(self, *args, die_after: int | None = None, **kwargs):
@@ -193,7 +193,7 @@ class RecordingClient(FeatureClient):
 
     def features(self, images, ks, dtype):
         payload = super().features(images, ks, dtype)
-        self.sent.extend(payload.hashes)
+        self.sent.extend(payload.digests)
         if self.die_after is not None and len(self.sent) > self.die_after * 8:
             raise Interrupted
         return payload

@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from deltavision.errors import DeltaVisionError
-from deltavision.serve.service import FeatureService, ServiceConfig, create_app
-from deltavision.serve.wire import unpack
+from deltavision.mist.server.app import create_app
+from deltavision.mist.server.service import FeatureService, ServiceConfig
+from deltavision.mist.wire import unpack
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -76,7 +77,7 @@ def test_health_needs_no_token_and_info_does(client):
     info = client.get("/v1/info", headers=AUTH).json()
     assert info["backbone"] == "vit_small_patch16_224" and info["family"] == "vit"
     assert info["feature_shape"] == [17, 32] and info["grid"] == [4, 4] and info["num_prefix_tokens"] == 1
-    assert info["k_values"] == [1, 2, 3, 4] and info["default_k"] == 4
+    assert info["ks"] == [1, 2, 3, 4] and info["default_k"] == 4
     assert info["dtypes"] == ["float32", "float16", "int8"]
     assert info["image_size"] == 32 and info["mean"] == [0.5] * 3 and info["std"] == [0.5] * 3
     assert info["tensor_bytes_per_image"] == {"float32": 17 * 32 * 4, "float16": 17 * 32 * 2, "int8": 17 * 32 + 4}
@@ -88,7 +89,7 @@ def test_service_refuses_to_start_without_a_token(model):
         FeatureService(model, backbone="x", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, config=ServiceConfig(token=""))
 
 
-def test_features_match_the_gatherer_on_the_same_pixels(client, service):
+def test_features_match_gather_on_the_same_pixels(client, service):
     blobs = [png(1), png(2, size=(64, 20))]
     response = client.post("/v1/features", params={"k": "all"}, files=files(*blobs), headers=AUTH)
     assert response.status_code == 200 and response.headers["content-type"] == "application/octet-stream"
@@ -96,7 +97,7 @@ def test_features_match_the_gatherer_on_the_same_pixels(client, service):
     assert payload.ks == [1, 2, 3, 4] and payload.dtype == "float32"
     assert payload.metadata["fingerprint"] == service.fingerprint
     pixels = torch.stack([service.decode(blob) for blob in blobs])
-    expected = service.gatherer(pixels)
+    expected = service.gather(pixels)
     for k in payload.ks:
         torch.testing.assert_close(payload.features[k], expected[k], rtol=1e-5, atol=1e-5)
 

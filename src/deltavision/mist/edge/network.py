@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import AdapterFileError
-from ..io import load_json, load_tensors, save_json, save_tensors
+from ...errors import AdapterFileError
+from ...io import load_json, load_tensors, save_json, save_tensors
 
 WEIGHTS_FILE = "edge_model.safetensors"
 CONFIG_FILE = "edge_config.json"

@@ -1,5 +1,7 @@
 """Command line of separated tuning: ``deltavision serve`` and ``deltavision edge fit|eval|predict``.
 
+``python -m deltavision.mist serve|edge ...`` runs the same commands without the rest of the CLI.
+
 Only typer and rich are imported here; each command imports what it needs when
 it runs, so the edge commands never load timm.
 """
@@ -20,6 +22,8 @@ TOKEN_HELP = "Bearer token shared by service and clients [env: DELTAVISION_TOKEN
 SERVER_HELP = "Feature service URL, e.g. http://127.0.0.1:8765."
 THREADS_HELP = "Torch threads; the edge network is small, and one thread avoids OpenMP contention on shared CPUs."
 DATA_HELP = "An image folder (train/ and val/, or class folders to split) or fashion-mnist, mnist5k, digits."
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 edge_app = typer.Typer(
     help="Train and use a MIST edge network on features from a `deltavision serve` service; no backbone needed.",
@@ -50,12 +54,13 @@ def _edge_process(threads: int, low_memory: bool) -> None:
     """Settings every edge command applies before it allocates anything."""
     _set_threads(threads)
     if low_memory:
-        from .memory import release_large_blocks
+        from .edge.memory import release_large_blocks
 
         release_large_blocks()
 
 
 def _backbone_options(pairs: Optional[List[str]]) -> dict:
+    """``--backbone-opt key=value`` pairs as timm keyword arguments (the one place they are parsed)."""
     from ..errors import MethodOptionError
 
     options = {}
@@ -78,7 +83,7 @@ def serve_command(
     backbone_opt: Optional[List[str]] = typer.Option(None, help="timm model option key=value (repeatable)."),
     max_batch: int = typer.Option(32, min=1, help="Most images per backbone pass (micro-batching)."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="Longest wait for a batch to fill."),
-    cache_mb: int = typer.Option(512, min=0, help="Feature cache size (LRU by image content hash)."),
+    cache_mb: int = typer.Option(512, min=0, help="Feature cache size (LRU by image digest)."),
     max_body_mb: float = typer.Option(32.0, min=0.01, help="Largest accepted request body."),
     max_images: int = typer.Option(64, min=1, help="Most images per request."),
     max_pixels: int = typer.Option(4096 * 4096, min=1, help="Largest accepted image (width x height)."),
@@ -87,7 +92,8 @@ def serve_command(
     """Serve Gather_k features of a frozen backbone over HTTP (MIST separated tuning)."""
     import uvicorn
 
-    from .service import MIB, ServiceConfig, build_service, create_app
+    from .server.app import create_app
+    from .server.service import MIB, ServiceConfig, build_service
 
     _set_threads(threads)
     config = ServiceConfig(
@@ -101,7 +107,7 @@ def serve_command(
     info = service.info()
     console.print(
         f"serving {backbone} on http://{host}:{port}: Gather_k over {info['num_blocks']} blocks, "
-        f"k in {info['k_values']}, {info['feature_shape'][0]} x {info['feature_shape'][1]} per image",
+        f"k in {info['ks']}, {info['feature_shape'][0]} x {info['feature_shape'][1]} per image",
         highlight=False,
     )
     try:
@@ -139,8 +145,8 @@ def edge_fit(
     low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
 ) -> None:
     """Fetch each image's features once, choose k, train the low-rank attention edge network, save it."""
-    from .fit import FitConfig
-    from .tasks import FitOptions, fit_edge
+    from .edge.fit import FitConfig
+    from .edge.commands import FitOptions, fit_edge
 
     _edge_process(threads, low_memory)
     options = FitOptions(
@@ -176,7 +182,7 @@ def edge_eval(
     low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
 ) -> None:
     """Top-1 of an edge network on a validation split."""
-    from .tasks import evaluate_saved_edge
+    from .edge.commands import evaluate_saved_edge
 
     _edge_process(threads, low_memory)
     metrics = evaluate_saved_edge(model, server=server, token=token, data=data, cache=cache, offline=offline)
@@ -197,7 +203,7 @@ def edge_predict(
     low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
 ) -> None:
     """Label images with an edge network, fetching their features from the service."""
-    from .tasks import predict_files
+    from .edge.commands import predict_files
 
     _edge_process(threads, low_memory)
     for row in predict_files(model, images, server=server, token=token):
@@ -205,3 +211,20 @@ def edge_predict(
             print(json.dumps(row))
         else:
             console.print(f"{row['image']}\t{row['label']}\t{row['probability']:.3f}", highlight=False, soft_wrap=True)
+
+
+app.command("serve")(serve_command)
+app.add_typer(edge_app, name="edge")
+
+
+def main() -> None:
+    """Run the MIST commands; a DeltaVisionError becomes one line on stderr and exit status 2."""
+    import sys
+
+    from ..errors import DeltaVisionError
+
+    try:
+        app()
+    except DeltaVisionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

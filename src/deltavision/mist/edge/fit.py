@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..schedule import warmup_then_cosine
-from .edge import EdgeNetwork
+from ...schedule import warmup_then_cosine
+from .network import EdgeNetwork
 from .store import FeatureStore
 
 
@@ -47,18 +47,18 @@ class FeatureSet:
     store: FeatureStore
     k: int
     dtype: str
-    hashes: list[str]
+    digests: list[str]
     labels: torch.Tensor
 
     def __len__(self) -> int:
-        return len(self.hashes)
+        return len(self.digests)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(float32 features, labels) batches, shuffled when a generator is given."""
         order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
         for start in range(0, len(self), batch_size):
             rows = order[start : start + batch_size].tolist()
-            yield self.store.read(self.k, self.dtype, [self.hashes[i] for i in rows]), self.labels[rows]
+            yield self.store.read(self.k, self.dtype, [self.digests[i] for i in rows]), self.labels[rows]
 
 
 def _optimizer(model: nn.Module, config: FitConfig) -> torch.optim.AdamW:

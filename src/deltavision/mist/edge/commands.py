@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterFileError, DeltaVisionError
-from ..io import refuse_overwrite
+from ...errors import AdapterFileError, DeltaVisionError
+from ...io import refuse_overwrite
 from .client import (
     FeatureClient,
     ImageItem,
@@ -27,12 +27,12 @@ from .client import (
     labelled_images,
     request_batches,
 )
-from .edge import CONFIG_FILE, EdgeConfig, EdgeNetwork, count_trainable, load_edge, save_edge
+from .network import CONFIG_FILE, EdgeConfig, EdgeNetwork, count_trainable, load_edge, save_edge
 from .fit import FeatureSet, FitConfig, evaluate_edge, select_k, train_edge
 from .store import MANIFEST, FeatureStore
-from .wire import DTYPES
+from ..wire import transfer_dtype
 
-SERVICE_KEYS = ("backbone", "family", "fingerprint", "image_size", "mean", "std", "feature_shape", "k_values", "num_blocks")
+SERVICE_KEYS = ("backbone", "family", "fingerprint", "image_size", "mean", "std", "feature_shape", "ks", "num_blocks")
 
 
 @dataclass
@@ -61,12 +61,11 @@ class FitOptions:
 
 def fit_edge(options: FitOptions) -> dict[str, Any]:
     """Train and save an edge network; returns a summary (k, scores, top-1, parameters, sizes)."""
-    if options.dtype not in DTYPES:
-        raise DeltaVisionError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    transfer_dtype(options.dtype)
     refuse_overwrite(Path(options.out) / CONFIG_FILE, options.overwrite)
     store, manifest = _offline_manifest(options) if options.offline else _fetch_dataset(options)
     service = manifest["service"]
-    ks = _requested_ks(options.k, service["k_values"])
+    ks = _requested_ks(options.k, service["ks"])
     if options.offline:
         _require_cached(store, manifest, ks, options.dtype)
     splits = _splits_reader(store, manifest, options.dtype)
@@ -117,16 +116,16 @@ def evaluate_saved_edge(
     store = FeatureStore(cache_root, config.fingerprint)
     if offline:
         manifest = store.read_manifest()
-        hashes, labels = _column(manifest["val"])
+        digests, labels = _column(manifest["val"])
     else:
         with _connected(server, token, config) as client:
             split = config.training.get("split") or {}
             images = labelled_images(data or config.training.get("data"), **split)
             _check_classes(images.classes, config.classes)
             download_features(client, store, images.val, [config.k], config.dtype, progress=True)
-            hashes, labels = [i.digest for i in images.val], [i.label for i in images.val]
-    _require_hashes(store, hashes, config.k, config.dtype)
-    features = FeatureSet(store, config.k, config.dtype, hashes, torch.tensor(labels))
+            digests, labels = [i.digest for i in images.val], [i.label for i in images.val]
+    _require_digests(store, digests, config.k, config.dtype)
+    features = FeatureSet(store, config.k, config.dtype, digests, torch.tensor(labels))
     return evaluate_edge(model, features, batch_size)
 
 
@@ -172,7 +171,7 @@ def _fetch_dataset(options: FitOptions) -> tuple[FeatureStore, dict[str, Any]]:
             "service": {key: info[key] for key in SERVICE_KEYS},
         }
         store.write_manifest(manifest)
-        ks = _requested_ks(options.k, info["k_values"])
+        ks = _requested_ks(options.k, info["ks"])
         download_features(client, store, images.train + images.val, ks, options.dtype, progress=options.fit.progress)
     return store, manifest
 
@@ -212,13 +211,13 @@ def _column(pairs: list[list]) -> tuple[list[str], list[int]]:
 
 
 def _splits_reader(store: FeatureStore, manifest: dict[str, Any], dtype: str):
-    train_hashes, train_labels = _column(manifest["train"])
-    val_hashes, val_labels = _column(manifest["val"])
+    train_digests, train_labels = _column(manifest["train"])
+    val_digests, val_labels = _column(manifest["val"])
 
     def splits(k: int) -> tuple[FeatureSet, FeatureSet]:
         return (
-            FeatureSet(store, k, dtype, train_hashes, torch.tensor(train_labels)),
-            FeatureSet(store, k, dtype, val_hashes, torch.tensor(val_labels)),
+            FeatureSet(store, k, dtype, train_digests, torch.tensor(train_labels)),
+            FeatureSet(store, k, dtype, val_digests, torch.tensor(val_labels)),
         )
 
     return splits
@@ -239,13 +238,13 @@ def _model_factory(service: dict[str, Any], classes: list[str], options: FitOpti
 
 
 def _require_cached(store: FeatureStore, manifest: dict[str, Any], ks: list[int], dtype: str) -> None:
-    hashes = _column(manifest["train"])[0] + _column(manifest["val"])[0]
+    digests = _column(manifest["train"])[0] + _column(manifest["val"])[0]
     for k in ks:
-        _require_hashes(store, hashes, k, dtype)
+        _require_digests(store, digests, k, dtype)
 
 
-def _require_hashes(store: FeatureStore, hashes: list[str], k: int, dtype: str) -> None:
-    absent = store.missing(hashes, [k], dtype)
+def _require_digests(store: FeatureStore, digests: list[str], k: int, dtype: str) -> None:
+    absent = store.missing(digests, [k], dtype)
     if absent:
         raise AdapterFileError(
             f"the feature cache {store.folder} lacks k={k} {dtype} features of {len(absent)} image(s); "

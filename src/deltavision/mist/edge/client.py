@@ -1,7 +1,7 @@
 """The edge's side of the wire: ask the service for Gather_k and keep the answers.
 
 Images are sent as their encoded bytes (files as they are on disk, bundled
-arrays as PNG) and identified by the sha256 of those bytes, the same key the
+arrays as PNG) and identified by their digest (sha256 of those bytes), the key the
 service caches under. :func:`download_features` sends each image at most once
 across runs: whatever the local :class:`~.store.FeatureStore` already holds is
 never requested again.
@@ -9,7 +9,6 @@ never requested again.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from collections.abc import Callable, Sequence
@@ -21,9 +20,9 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import DataError, DeltaVisionError
+from ...errors import DataError, DeltaVisionError
 from .store import FeatureStore
-from .wire import FeaturePayload, PayloadError, unpack
+from ..wire import FeaturePayload, PayloadError, digest, unpack
 
 RETRY_STATUSES = {429, 502, 503, 504}
 
@@ -34,7 +33,7 @@ class ServiceError(DeltaVisionError):
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One labelled image: the sha256 of its encoded bytes and how to get those bytes again."""
+    """One labelled image: the digest of its encoded bytes and how to get those bytes again."""
 
     digest: str
     label: int
@@ -77,7 +76,7 @@ class FeatureClient:
         return self._info
 
     def features(self, images: Sequence[bytes], ks: Sequence[int], dtype: str) -> FeaturePayload:
-        """Gather_k of ``images`` for every k in ``ks``, checked against the images' hashes."""
+        """Gather_k of ``images`` for every k in ``ks``, checked against the images' digests."""
         files = [("images", (f"{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
         params = {"k": ",".join(str(k) for k in ks), "dtype": dtype}
         response = self._request("POST", "/v1/features", params=params, files=files)
@@ -85,8 +84,8 @@ class FeatureClient:
             payload = unpack(response.content)
         except PayloadError as err:
             raise ServiceError(f"{self.url} sent an unreadable feature payload ({err})") from err
-        expected = [hashlib.sha256(data).hexdigest() for data in images]
-        if payload.hashes != expected or set(payload.ks) != set(ks):
+        expected = [digest(data) for data in images]
+        if payload.digests != expected or set(payload.ks) != set(ks):
             raise ServiceError(f"{self.url} answered for other images or k values than asked")
         return payload
 
@@ -129,7 +128,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def image_item(label: int, path: Path | None = None, encoded: bytes | None = None) -> ImageItem:
     data = encoded if encoded is not None else Path(path).read_bytes()
-    return ImageItem(hashlib.sha256(data).hexdigest(), int(label), path, encoded)
+    return ImageItem(digest(data), int(label), path, encoded)
 
 
 def _items_of(dataset) -> list[ImageItem]:
@@ -148,7 +147,7 @@ def labelled_images(
     seed: int = 0,
 ) -> LabelledImages:
     """Train/val images of a folder or bundled dataset, split exactly as :func:`build_datasets` splits."""
-    from ..data import build_datasets
+    from ...data import build_datasets
 
     splits = build_datasets(
         data, image_size=1, mean=0.0, std=1.0, val_fraction=val_fraction,
@@ -192,7 +191,7 @@ def download_features(
     for done, batch in enumerate(request_batches(todo, max_images, limits["max_body_bytes"]), start=1):
         payload = client.features(batch, ks, dtype)
         for k in ks:
-            store.write_shard(k, dtype, payload.hashes, payload.features[k], payload.scales.get(k))
+            store.write_shard(k, dtype, payload.digests, payload.features[k], payload.scales.get(k))
         bar.update(len(batch))
         if on_shard is not None:
             on_shard(done)

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..anatomy import Anatomy, describe
-from ..errors import IncompatibleMethodError
+from ...anatomy import Anatomy, describe
+from ...errors import IncompatibleMethodError
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -73,7 +73,7 @@ class GatherShape:
     num_prefix_tokens: int
 
 
-class Gatherer:
+class Gather:
     """Runs a timm backbone once per batch and returns Gather_k for several k (running sums).
 
     The model is put in eval mode; no gradient is ever taken.

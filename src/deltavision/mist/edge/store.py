@@ -2,13 +2,13 @@
 
 Layout under the cache root::
 
-    <fingerprint>/manifest.json                  dataset: classes, train/val image hashes and labels
+    <fingerprint>/manifest.json                  dataset: classes, train/val image digests and labels
     <fingerprint>/k<k>-<dtype>/<shard>.safetensors  "features" (n, T, C) in the transfer dtype,
-                                                  "scale" (n,) for int8; metadata: hashes (JSON)
+                                                  "scale" (n,) for int8; metadata: digests (JSON)
 
 One folder per service fingerprint keeps features of different backbones or
 weights apart. Every shard is written atomically (temporary file + rename) and
-named after the hashes it holds, so an interrupted download leaves only whole
+named after the image digests it holds, so an interrupted download leaves only whole
 shards, and a resumed one asks the service only for images no shard holds.
 Reading goes through safetensors' lazy slices: only the rows of one batch are
 materialised, so the cache can be larger than the edge's memory.
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import AdapterFileError
-from ..io import load_json, save_json, save_tensors
-from .wire import DTYPES, to_float32
+from ...errors import AdapterFileError
+from ...io import load_json, save_json, save_tensors
+from ..wire import to_float32, transfer_dtype
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".safetensors"
@@ -59,56 +59,56 @@ class FeatureStore:
         return self.folder / f"k{k}-{dtype}"
 
     def index(self, k: int, dtype: str) -> dict[str, tuple[Path, int]]:
-        """{image hash: (shard path, row)} of every shard on disk for ``k`` and ``dtype``."""
+        """{image digest: (shard path, row)} of every shard on disk for ``k`` and ``dtype``."""
         key = (k, dtype)
         if key not in self._index:
             self._index[key] = self._scan(self.shard_folder(k, dtype))
         return self._index[key]
 
-    def missing(self, hashes: Sequence[str], ks: Sequence[int], dtype: str) -> list[str]:
-        """The hashes (first occurrence order, no duplicates) lacking features for any of ``ks``."""
+    def missing(self, digests: Sequence[str], ks: Sequence[int], dtype: str) -> list[str]:
+        """The digests (first occurrence order, no duplicates) lacking features for any of ``ks``."""
         indexes = [self.index(k, dtype) for k in ks]
-        return [h for h in dict.fromkeys(hashes) if any(h not in index for index in indexes)]
+        return [h for h in dict.fromkeys(digests) if any(h not in index for index in indexes)]
 
-    def available_ks(self, hashes: Sequence[str], dtype: str) -> list[int]:
-        """The k values whose shards hold every one of ``hashes``."""
+    def available_ks(self, digests: Sequence[str], dtype: str) -> list[int]:
+        """The k values whose shards hold every one of ``digests``."""
         found = []
         for folder in sorted(self.folder.glob(f"k*-{dtype}")):
             k = int(folder.name[1:].split("-")[0])
-            if not self.missing(hashes, [k], dtype):
+            if not self.missing(digests, [k], dtype):
                 found.append(k)
         return sorted(found)
 
-    def write_shard(self, k: int, dtype: str, hashes: list[str], features: torch.Tensor, scale: torch.Tensor | None) -> Path:
+    def write_shard(self, k: int, dtype: str, digests: list[str], features: torch.Tensor, scale: torch.Tensor | None) -> Path:
         """Store one received batch for ``k`` atomically; returns the shard path."""
-        if dtype not in DTYPES or features.dtype != DTYPES[dtype] or len(hashes) != features.shape[0]:
-            raise ValueError(f"features {features.dtype} x {features.shape[0]} do not match {dtype} x {len(hashes)}")
+        if features.dtype != transfer_dtype(dtype) or len(digests) != features.shape[0]:
+            raise ValueError(f"features {features.dtype} x {features.shape[0]} do not match {dtype} x {len(digests)}")
         tensors = {"features": features}
         if scale is not None:
             tensors["scale"] = scale
-        name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:24] + SHARD_SUFFIX
+        name = hashlib.sha256("".join(digests).encode()).hexdigest()[:24] + SHARD_SUFFIX
         path = self.shard_folder(k, dtype) / name
-        save_tensors(tensors, path, metadata={"hashes": json.dumps(hashes), "k": str(k), "dtype": dtype})
+        save_tensors(tensors, path, metadata={"digests": json.dumps(digests), "k": str(k), "dtype": dtype})
         index = self.index(k, dtype)
-        for row, digest in enumerate(hashes):
-            index[digest] = (path, row)
+        for row, image in enumerate(digests):
+            index[image] = (path, row)
         return path
 
-    def read(self, k: int, dtype: str, hashes: Sequence[str]) -> torch.Tensor:
-        """float32 (n, T, C) features of ``hashes``, in order, reading only those rows."""
+    def read(self, k: int, dtype: str, digests: Sequence[str]) -> torch.Tensor:
+        """float32 (n, T, C) features of ``digests``, in order, reading only those rows."""
         index = self.index(k, dtype)
-        absent = [h for h in hashes if h not in index]
+        absent = [h for h in digests if h not in index]
         if absent:
             raise AdapterFileError(f"the feature cache has no k={k} {dtype} features for {len(absent)} image(s)")
         by_shard: dict[Path, list[tuple[int, int]]] = defaultdict(list)
-        for position, digest in enumerate(hashes):
-            path, row = index[digest]
+        for position, image in enumerate(digests):
+            path, row = index[image]
             by_shard[path].append((position, row))
         batch: torch.Tensor | None = None
         for path, wanted in by_shard.items():
             for position, values in _read_rows(path, wanted):
                 if batch is None:
-                    batch = torch.empty((len(hashes), *values.shape))
+                    batch = torch.empty((len(digests), *values.shape))
                 batch[position] = values
         return batch if batch is not None else torch.empty(0)
 
@@ -117,11 +117,11 @@ class FeatureStore:
         for path in sorted(folder.glob(f"*{SHARD_SUFFIX}")):
             try:
                 with safe_open(str(path), framework="pt") as shard:
-                    hashes = json.loads((shard.metadata() or {})["hashes"])
+                    digests = json.loads((shard.metadata() or {})["digests"])
             except (SafetensorError, OSError, KeyError, ValueError):
                 continue  # a foreign or damaged file is refetched rather than trusted
-            for row, digest in enumerate(hashes):
-                index[digest] = (path, row)
+            for row, image in enumerate(digests):
+                index[image] = (path, row)
         return index
 
 
