@@ -54,7 +54,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-TOKEN = "benchmark-token"
+TOKEN = "benchmark-token-0123456789"
 VIT_B = "vit_base_patch16_224"
 EMBEDDED = "tf_efficientnet_lite0"
 MIB = 2**20
@@ -223,7 +223,7 @@ def fill_vit_b_store(root: Path, count: int) -> tuple[str, list[str]]:
 def memory_worker(mode: str, allocator: str, root: str, model_dir: str, count: int, package_dir: str) -> dict:
     torch.set_num_threads(1)
     edge_only_imports(package_dir)
-    from deltavision.mist.edge.memory import release_large_blocks
+    from deltavision.mist.memory import release_large_blocks
 
     if allocator == "low-memory":
         assert release_large_blocks()

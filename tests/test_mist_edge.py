@@ -230,7 +230,7 @@ NO_TIMM_SCRIPT = textwrap.dedent(
     from deltavision.mist.edge.store import FeatureStore
     from deltavision.mist.edge.commands import FitOptions, fit_edge
     from deltavision.mist.edge.network import load_edge
-    from deltavision.mist.edge.memory import release_large_blocks
+    from deltavision.mist.memory import release_large_blocks
 
     applied = release_large_blocks()  # what the edge CLI does first
     root, out = sys.argv[2], sys.argv[3]

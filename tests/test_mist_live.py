@@ -31,7 +31,7 @@ from deltavision.mist.edge.network import read_edge_config
 from deltavision.mist.edge.store import FeatureStore
 from deltavision.mist.wire import unpack
 
-TOKEN = "live-test-token"
+TOKEN = "live-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 VIT_OPTIONS = ["img_size=32", "patch_size=8", "embed_dim=32", "depth=4", "num_heads=2"]
 STARTUP_SECONDS = 90
@@ -173,7 +173,7 @@ def test_cli_errors_are_deltavision_errors(server, cli, digits300, tmp_path):
     wrong = cli("edge", "fit", "--server", server, "--token", "wrong", "--data", digits300, "--out", tmp_path / "x")
     assert isinstance(wrong.exception, ServiceError) and "token" in str(wrong.exception)
     closed = cli("edge", "fit", "--server", f"http://127.0.0.1:{free_port()}", "--token", TOKEN,
-                 "--data", digits300, "--out", tmp_path / "y")  # fmt: skip
+                 "--data", digits300, "--out", tmp_path / "y", "--retry-seconds", "1")  # fmt: skip
     assert isinstance(closed.exception, ServiceError) and "cannot reach" in str(closed.exception)
     bad_k = cli("edge", "fit", "--server", server, "--token", TOKEN, "--data", digits300, "--out", tmp_path / "z", "--k", "7")
     assert bad_k.exception is not None and "--k" in str(bad_k.exception)

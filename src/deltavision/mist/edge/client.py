@@ -25,6 +25,8 @@ from .store import FeatureStore
 from ..wire import FeaturePayload, PayloadError, digest, unpack
 
 RETRY_STATUSES = {429, 502, 503, 504}
+RETRY_SECONDS = 60.0
+FIRST_DELAY, LONGEST_DELAY = 0.25, 8.0
 
 
 class ServiceError(DeltaVisionError):
@@ -52,13 +54,30 @@ class LabelledImages:
 
 
 class FeatureClient:
-    """HTTP client of the feature service, with bounded retries when it is busy or unreachable."""
+    """HTTP client of the feature service that rides out a busy or restarting service.
 
-    def __init__(self, url: str, token: str | None, timeout: float = 300.0, retries: int = 4):
+    A request that cannot connect or gets 429/502/503/504 is sent again after
+    0.25 s, 0.5 s, 1 s, ... (at most 8 s apart) until ``retry_seconds`` have
+    passed since its first attempt; only then is it a ServiceError. The default
+    minute outlasts a service restart (loading a backbone takes seconds).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        timeout: float = 300.0,
+        retry_seconds: float = RETRY_SECONDS,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
-        self.retries = retries
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.retry_seconds = float(retry_seconds)
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._sleep, self._clock = sleep, clock
         self._info: dict[str, Any] | None = None
 
     def close(self) -> None:
@@ -90,17 +109,29 @@ class FeatureClient:
         return payload
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        for attempt in range(self.retries + 1):
+        deadline = self._clock() + self.retry_seconds
+        for delay in backoff_delays():
             try:
                 response = self.http.request(method, path, **kwargs)
             except httpx.TransportError as err:
-                if attempt == self.retries:
-                    raise ServiceError(f"cannot reach the feature service at {self.url} ({type(err).__name__})") from err
+                if self._clock() + delay > deadline:
+                    raise ServiceError(
+                        f"cannot reach the feature service at {self.url} ({type(err).__name__}) "
+                        f"after retrying for {self.retry_seconds:g} s (--retry-seconds)"
+                    ) from err
             else:
-                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                if response.status_code not in RETRY_STATUSES or self._clock() + delay > deadline:
                     return _checked(response, self.url)
-            time.sleep(min(8.0, 0.25 * 2**attempt))
+            self._sleep(delay)
         raise AssertionError("unreachable")
+
+
+def backoff_delays():
+    """0.25, 0.5, 1, 2, 4, 8, 8, ... seconds: the waits between attempts of one request."""
+    delay = FIRST_DELAY
+    while True:
+        yield delay
+        delay = min(LONGEST_DELAY, delay * 2)
 
 
 def _checked(response: httpx.Response, url: str) -> httpx.Response:

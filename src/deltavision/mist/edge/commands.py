@@ -19,6 +19,7 @@ import torch
 from ...errors import AdapterFileError, DeltaVisionError
 from ...io import refuse_overwrite
 from .client import (
+    RETRY_SECONDS,
     FeatureClient,
     ImageItem,
     ServiceError,
@@ -52,6 +53,7 @@ class FitOptions:
     qkv_width: int | None = None
     heads: int = 1
     overwrite: bool = False
+    retry_seconds: float = RETRY_SECONDS
     fit: FitConfig = field(default_factory=FitConfig)
 
     @property
@@ -108,6 +110,7 @@ def evaluate_saved_edge(
     cache: Path | None = None,
     offline: bool = False,
     batch_size: int = 64,
+    retry_seconds: float = RETRY_SECONDS,
 ) -> dict[str, Any]:
     """Top-1 of a saved edge network on a validation split (the training one by default)."""
     model = load_edge(model_dir)
@@ -118,7 +121,7 @@ def evaluate_saved_edge(
         manifest = store.read_manifest()
         digests, labels = _column(manifest["val"])
     else:
-        with _connected(server, token, config) as client:
+        with _connected(server, token, config, retry_seconds) as client:
             split = config.training.get("split") or {}
             images = labelled_images(data or config.training.get("data"), **split)
             _check_classes(images.classes, config.classes)
@@ -129,13 +132,15 @@ def evaluate_saved_edge(
     return evaluate_edge(model, features, batch_size)
 
 
-def predict_files(model_dir: Path, paths: list[Path], *, server: str, token: str | None) -> list[dict[str, Any]]:
+def predict_files(
+    model_dir: Path, paths: list[Path], *, server: str, token: str | None, retry_seconds: float = RETRY_SECONDS
+) -> list[dict[str, Any]]:
     """Class and probability for each image file, with features fetched from the service."""
     model = load_edge(model_dir)
     config = model.config
     items = image_files(paths)
     results = []
-    with _connected(server, token, config) as client:
+    with _connected(server, token, config, retry_seconds) as client:
         limits = client.info()["limits"]
         start = 0
         for batch in request_batches(items, limits["max_images"], limits["max_body_bytes"]):
@@ -159,7 +164,7 @@ def _fetch_dataset(options: FitOptions) -> tuple[FeatureStore, dict[str, Any]]:
     split = {"val_fraction": options.val_fraction, "train_limit": options.train_limit,
              "val_limit": options.val_limit, "seed": options.fit.seed}  # fmt: skip
     images = labelled_images(options.data, **split)
-    with FeatureClient(options.server, options.token) as client:
+    with FeatureClient(options.server, options.token, retry_seconds=options.retry_seconds) as client:
         info = client.info()
         store = FeatureStore(options.cache_root, info["fingerprint"])
         manifest = {
@@ -260,10 +265,10 @@ def _check_classes(found: list[str], expected: list[str]) -> None:
 class _connected:
     """A FeatureClient checked to serve the feature space ``config`` was trained on."""
 
-    def __init__(self, server: str | None, token: str | None, config: EdgeConfig):
+    def __init__(self, server: str | None, token: str | None, config: EdgeConfig, retry_seconds: float = RETRY_SECONDS):
         if not server:
             raise DeltaVisionError("pass --server URL (or --offline to use the feature cache)")
-        self.client = FeatureClient(server, token)
+        self.client = FeatureClient(server, token, retry_seconds=retry_seconds)
         self.config = config
 
     def __enter__(self) -> FeatureClient:

@@ -4,6 +4,20 @@
 per image, keeps the result in a content-addressed LRU (:mod:`.cache`) and
 micro-batches concurrent requests (:mod:`.batcher`); :mod:`.app` puts it behind
 HTTP. :class:`ApiError` is how it refuses input (an HTTP status and a stable code).
+
+Decoding is bounded before it starts: every image's size is read from its
+header, and a request whose uncached images together exceed
+``max_request_pixels`` (or holding one image over ``max_pixels``) is refused
+with 413 before any pixel is decoded. JPEGs are decoded at a reduced scale
+(PIL's draft mode, never below twice the input size) before the resize.
+
+Stable answers: the cache keeps the first features computed for an image
+digest and never replaces them, so while an image stays cached every request
+for it gets the same tensors, and identical requests get identical bytes
+(:func:`..wire.serialise`). Float32 features of one image otherwise depend on
+the batch it was computed in (up to ~1.3e-4 for ViT-B/16, because matrix
+kernels block their sums by batch size): an image evicted from the cache
+(``cache_bytes``) and sent again may come back slightly different.
 """
 
 from __future__ import annotations
@@ -32,7 +46,22 @@ from .gather import Gather
 
 MIB = 2**20
 GATHER_VERSION = "gather-sum-v1"
+DECODE_VERSION = "draft-2x-v1"  # part of the fingerprint: how bytes become pixels
 IMAGE_FIELD = "images"
+MIN_TOKEN_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One image of a request: its position, the filename the client gave, and its bytes."""
+
+    index: int
+    filename: str
+    data: bytes
+
+    @property
+    def label(self) -> str:
+        return f"image {self.index} ({self.filename!r})"
 
 
 @dataclass
@@ -46,14 +75,17 @@ class ServiceConfig:
     max_body_bytes: int = 32 * MIB
     max_images: int = 64
     max_pixels: int = 4096 * 4096
+    max_request_pixels: int = 64 * 2**20
     max_pending: int = 1024
     decode_slots: int = 4
+    body_timeout: float = 30.0
 
     def limits(self) -> dict[str, int]:
         return {
             "max_body_bytes": self.max_body_bytes,
             "max_images": self.max_images,
             "max_pixels": self.max_pixels,
+            "max_request_pixels": self.max_request_pixels,
             "max_batch": self.max_batch,
         }
 
@@ -97,8 +129,7 @@ class FeatureService:
         config: ServiceConfig,
         backbone_options: dict[str, Any] | None = None,
     ):
-        if not config.token:
-            raise DeltaVisionError("the feature service needs a token: pass --token or set DELTAVISION_TOKEN")
+        check_token(config.token)
         self.backbone, self.config = backbone, config
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.gather = Gather(model)
@@ -106,6 +137,7 @@ class FeatureService:
         self.shape = _probe_shape(self.gather, image_size)
         self.transform = make_transforms(image_size, self.mean, self.std, augment=False)[1]
         self.fingerprint = _fingerprint(model, backbone, backbone_options or {}, image_size, self.mean, self.std)
+        self._draft_size = (2 * image_size, 2 * image_size)
         self.counters = Counters()
         self._decoding = threading.BoundedSemaphore(config.decode_slots)  # bounds decoded-image memory
         self.batcher = MicroBatcher(
@@ -156,40 +188,68 @@ class FeatureService:
             raise ApiError(400, "unknown_k", f"k must be one of {list(self.ks)}, a comma-separated list or 'all'; got {text!r}")
         return ks
 
-    def decode(self, data: bytes) -> torch.Tensor:
+    def image_size_of(self, upload: Upload) -> tuple[int, int]:
+        """(width, height) from the image header, nothing decoded; ApiError if unreadable or over ``max_pixels``."""
+        try:
+            with Image.open(BytesIO(upload.data)) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as err:
+            raise ApiError(413, "image_too_large", f"{upload.label}: {err}") from err
+        except Exception as err:  # any decoder failure on untrusted bytes is the sender's problem
+            raise ApiError(422, "undecodable_image", f"could not decode {upload.label} ({type(err).__name__})") from err
+        if width * height > self.config.max_pixels:
+            raise ApiError(
+                413, "image_too_large", f"{upload.label} is {width}x{height}, over the {self.config.max_pixels}-pixel limit"
+            )
+        return width, height
+
+    def check_pixel_budget(self, uploads: list[Upload]) -> None:
+        """Refuse (413) a request whose images together hold more than ``max_request_pixels``."""
+        total = sum(width * height for width, height in map(self.image_size_of, uploads))
+        if total > self.config.max_request_pixels:
+            raise ApiError(
+                413, "request_too_large",
+                f"the images to decode hold {total} pixels; the limit per request is {self.config.max_request_pixels}",
+            )  # fmt: skip
+
+    def decode(self, data: bytes, label: str = "an image") -> torch.Tensor:
         """Normalised (3, S, S) pixels of an encoded image; ApiError for undecodable or oversized ones."""
         with self._decoding:
-            return self._decode(data)
+            return self._decode(data, label)
 
-    def _decode(self, data: bytes) -> torch.Tensor:
+    def _decode(self, data: bytes, label: str) -> torch.Tensor:
         try:
             with Image.open(BytesIO(data)) as image:
                 width, height = image.size
                 if width * height > self.config.max_pixels:
-                    raise ApiError(413, "image_too_large", f"a {width}x{height} image exceeds the {self.config.max_pixels}-pixel limit")
+                    raise ApiError(413, "image_too_large", f"{label} is {width}x{height}, over the {self.config.max_pixels}-pixel limit")
+                image.draft("RGB", self._draft_size)  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
                 upright = ImageOps.exif_transpose(image)
                 upright.load()
                 rgb = to_rgb(upright)
+                del upright
         except ApiError:
             raise
         except Image.DecompressionBombError as err:
-            raise ApiError(413, "image_too_large", str(err)) from err
+            raise ApiError(413, "image_too_large", f"{label}: {err}") from err
         except Exception as err:  # any decoder failure on untrusted bytes is the sender's problem
-            raise ApiError(422, "undecodable_image", f"could not decode an image ({type(err).__name__})") from err
+            raise ApiError(422, "undecodable_image", f"could not decode {label} ({type(err).__name__})") from err
         return self.transform(rgb)
 
-    async def features(self, images: list[bytes]) -> tuple[list[str], list[Entry], int]:
-        """(digests, {k: features} per image, cache hits) for encoded ``images``."""
-        digests = [digest(data) for data in images]
-        by_digest = dict(zip(digests, images))  # equal digests, equal bytes
+    async def features(self, uploads: list[Upload]) -> tuple[list[str], list[Entry], int]:
+        """(digests, {k: features} per image, cache hits) for the images of one request."""
+        digests = [digest(upload.data) for upload in uploads]
+        first = dict(zip(reversed(digests), reversed(uploads)))  # equal digests, equal bytes
         found = {d: self.batcher.cached(d) for d in dict.fromkeys(digests)}
         hits = sum(entry is not None for entry in found.values())
-        missing = [(d, by_digest[d]) for d, entry in found.items() if entry is None]
-        pixels = await asyncio.gather(*(run_in_threadpool(self.decode, data) for _, data in missing))
+        missing = [(d, first[d]) for d, entry in found.items() if entry is None]
+        await run_in_threadpool(self.check_pixel_budget, [upload for _, upload in missing])
+        pixels = await asyncio.gather(*(run_in_threadpool(self.decode, u.data, u.label) for _, u in missing))
         try:
             futures = [self.batcher.submit(d, p) for (d, _), p in zip(missing, pixels)]
         except QueueFull as err:
             raise ApiError(429, "busy", f"the service is busy ({err}); retry shortly", {"Retry-After": "1"}) from err
+        del pixels
         for (d, _), future in zip(missing, futures):
             found[d] = await asyncio.shield(asyncio.wrap_future(future))
         return digests, [found[d] for d in digests], hits
@@ -206,6 +266,17 @@ class FeatureService:
     def _run_batch(self, digests: list[str], pixels: torch.Tensor) -> list[Entry]:
         gathered = self.gather(pixels, self.ks)
         return [{k: gathered[k][i].clone() for k in self.ks} for i in range(len(digests))]
+
+
+def check_token(token: str) -> None:
+    """Refuse a missing or guessable service token (shorter than MIN_TOKEN_LENGTH characters)."""
+    if not token:
+        raise DeltaVisionError("the feature service needs a token: pass --token or set DELTAVISION_TOKEN")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise DeltaVisionError(
+            f"the service token has {len(token)} characters; use at least {MIN_TOKEN_LENGTH} "
+            "(or pass none and let the service generate one)"
+        )
 
 
 def _probe_shape(gather: Gather, image_size: int):
@@ -236,6 +307,7 @@ def _fingerprint(model: nn.Module, backbone: str, options: dict, image_size: int
         "mean": list(mean),
         "std": list(std),
         "gather": GATHER_VERSION,
+        "decode": DECODE_VERSION,
         "weights": weights.hexdigest(),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]

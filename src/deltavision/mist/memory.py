@@ -1,4 +1,4 @@
-"""Keeping an edge process's resident memory close to what its tensors use.
+"""Keeping a MIST process's resident memory close to what its tensors use (edge and service alike).
 
 glibc's malloc adapts its mmap threshold upwards whenever a large mapped block
 is freed, so later activation-sized blocks (19 MB for a batch of 32 ViT-B/16
@@ -8,6 +8,9 @@ climbing past 500 MB while the live tensors peaked near 230 MB. A fixed
 threshold makes every block above it a private mapping that is unmapped as soon
 as it is freed. The price is page faults: training steps measured about 40%
 slower on 197 x 768 features (benchmarks/mist.py reports both settings).
+
+The feature service applies it too: decoding a large image allocates tens of
+megabytes that glibc would otherwise keep after the request.
 """
 
 from __future__ import annotations
