@@ -214,6 +214,8 @@ def download_features(
     Each batch becomes one shard per k as soon as it arrives, so an interruption
     loses at most the batch in flight. ``on_shard(batches_done)`` runs after each.
     """
+    for k in ks:
+        store.discard_damaged(k, dtype)  # their images are missing now, so fetched again
     missing = set(store.missing([item.digest for item in items], ks, dtype))
     todo = list({item.digest: item for item in items if item.digest in missing}.values())
     limits = client.info()["limits"]

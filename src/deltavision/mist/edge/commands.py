@@ -118,7 +118,8 @@ def evaluate_saved_edge(
     cache_root = Path(cache or config.training.get("cache") or Path(model_dir) / "feature-cache")
     store = FeatureStore(cache_root, config.fingerprint)
     if offline:
-        manifest = store.read_manifest()
+        manifest = _checked_manifest(store)
+        _check_classes(manifest["classes"], config.classes)
         digests, labels = _column(manifest["val"])
     else:
         with _connected(server, token, config, retry_seconds) as client:
@@ -128,7 +129,7 @@ def evaluate_saved_edge(
             download_features(client, store, images.val, [config.k], config.dtype, progress=True)
             digests, labels = [i.digest for i in images.val], [i.label for i in images.val]
     _require_digests(store, digests, config.k, config.dtype)
-    features = FeatureSet(store, config.k, config.dtype, digests, torch.tensor(labels))
+    features = FeatureSet(store, config.k, config.dtype, digests, torch.tensor(labels), (config.tokens, config.width))
     return evaluate_edge(model, features, batch_size)
 
 
@@ -192,7 +193,39 @@ def _offline_manifest(options: FitOptions) -> tuple[FeatureStore, dict[str, Any]
             "pointing at a cache with one"
         )
     store = FeatureStore(options.cache_root, manifests[0].parent.name)
-    return store, store.read_manifest()
+    return store, _checked_manifest(store)
+
+
+def _checked_manifest(store: FeatureStore) -> dict[str, Any]:
+    """The cache's manifest, refused (AdapterFileError) unless its classes, splits and labels make sense."""
+    manifest = store.read_manifest()
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise AdapterFileError(f"the feature cache manifest {store.folder / MANIFEST} is damaged: {problem}")
+    return manifest
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a manifest, or None."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("classes"), list) or not manifest["classes"]:
+        return "no list of classes"
+    classes = len(manifest["classes"])
+    for split in ("train", "val"):
+        rows = manifest.get(split)
+        if not isinstance(rows, list) or not rows:
+            return f"no {split} images"
+        for row in rows:
+            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str)):
+                return f"a {split} entry {str(row)[:60]} is not [digest, label]"
+            if not (isinstance(row[1], int) and not isinstance(row[1], bool) and 0 <= row[1] < classes):
+                return f"a {split} image has label {row[1]!r}, not one of 0..{classes - 1}"
+    service = manifest.get("service")
+    if not isinstance(service, dict) or not all(key in service for key in SERVICE_KEYS):
+        return "no record of the service that computed the features"
+    shape = service["feature_shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
+        return f"feature shape {shape!r} is not [tokens, width]"
+    return None
 
 
 def _requested_ks(k: str, available: list[int]) -> list[int]:
@@ -218,11 +251,12 @@ def _column(pairs: list[list]) -> tuple[list[str], list[int]]:
 def _splits_reader(store: FeatureStore, manifest: dict[str, Any], dtype: str):
     train_digests, train_labels = _column(manifest["train"])
     val_digests, val_labels = _column(manifest["val"])
+    shape = tuple(manifest["service"]["feature_shape"])
 
     def splits(k: int) -> tuple[FeatureSet, FeatureSet]:
         return (
-            FeatureSet(store, k, dtype, train_digests, torch.tensor(train_labels)),
-            FeatureSet(store, k, dtype, val_digests, torch.tensor(val_labels)),
+            FeatureSet(store, k, dtype, train_digests, torch.tensor(train_labels), shape),
+            FeatureSet(store, k, dtype, val_digests, torch.tensor(val_labels), shape),
         )
 
     return splits
@@ -250,6 +284,13 @@ def _require_cached(store: FeatureStore, manifest: dict[str, Any], ks: list[int]
 
 def _require_digests(store: FeatureStore, digests: list[str], k: int, dtype: str) -> None:
     absent = store.missing(digests, [k], dtype)
+    damaged = store.damaged(k, dtype)
+    if absent and damaged:
+        names = ", ".join(path.name for path in damaged[:3]) + (" ..." if len(damaged) > 3 else "")
+        raise AdapterFileError(
+            f"{len(damaged)} shard(s) of the feature cache {store.folder} fail their checksum ({names}); "
+            "run without --offline to fetch their features again"
+        )
     if absent:
         raise AdapterFileError(
             f"the feature cache {store.folder} lacks k={k} {dtype} features of {len(absent)} image(s); "
