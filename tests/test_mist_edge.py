@@ -13,7 +13,16 @@ import torch
 import deltavision
 from deltavision.errors import AdapterFileError
 from deltavision.mist.server.cache import FeatureLRU
-from deltavision.mist.edge.network import EdgeConfig, EdgeNetwork, default_qkv_width, load_edge, save_edge
+from deltavision.mist.edge.network import (
+    EdgeConfig,
+    EdgeNetwork,
+    LAEBlock,
+    block_parameters,
+    count_trainable,
+    default_qkv_width,
+    load_edge,
+    save_edge,
+)
 from deltavision.schedule import warmup_then_cosine
 from deltavision.mist.edge.fit import FeatureSet, FitConfig, evaluate_edge, train_edge
 from deltavision.mist.edge.store import FeatureStore
@@ -180,6 +189,20 @@ def test_lru_keeps_the_first_answer_for_a_digest():
     first = {1: torch.zeros(10)}
     assert cache.keep("a", first) is first
     assert cache.keep("a", {1: torch.ones(10)}) is first and cache.get("a") is first
+
+
+@pytest.mark.parametrize("width, qkv_width, heads", [(768, 16, 1), (768, 16, 4), (768, 30, 1), (32, 8, 2), (192, 8, 1)])
+def test_lae_block_parameters_follow_the_formula(width, qkv_width, heads):
+    assert count_trainable(LAEBlock(width, qkv_width, heads)) == block_parameters(width, qkv_width)
+
+
+def test_lae_parameter_counts_against_the_paper():
+    """The text's block (r = 16) at C = 768, and the width that reproduces Table 4 (r = 30)."""
+    assert block_parameters(768, 16) == 51_504  # LN 1,536 + QKV 36,912 + output 13,056
+    assert round(4 * block_parameters(768, 30) / 1e6, 2) == 0.38 and round(8 * block_parameters(768, 30) / 1e6, 2) == 0.76
+    assert round(12 * block_parameters(768, 16) / 1e6 + 769 * 49.5 / 1e6, 2) == 0.66  # LAST in MIST's Table 1
+    network = EdgeNetwork(EdgeConfig(tokens=197, width=768, classes=["a", "b"], k=12))
+    assert count_trainable(network) == 4 * 51_504 + 2 * 768 + (768 * 2 + 2)
 
 
 # --- training on stored features ------------------------------------------------------------------
