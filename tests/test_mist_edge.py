@@ -268,12 +268,14 @@ NO_TIMM_SCRIPT = textwrap.dedent(
                "mean": [0.5] * 3, "std": [0.5] * 3, "feature_shape": [5, 16], "ks": [1, 2], "num_blocks": 2}
     pairs = [[n, l] for n, l in zip(names, labels)]
     store.write_manifest({"classes": ["even", "odd"], "train": pairs[:16], "val": pairs[16:], "service": service})
+    import deltavision.mist, deltavision.mist.cli, deltavision.mist.edge.client, deltavision.mist.edge.commands  # noqa: E401
     summary = fit_edge(FitOptions(out=out, cache=root, offline=True, k="auto", dtype="float16",
                                   fit=FitConfig(epochs=2, select_epochs=1, progress=False)))
     model = load_edge(out)
     logits = model(store.read(summary["k"], "float16", names[:3]))
     print(json.dumps({"applied": applied, "k": summary["k"], "scores": summary["k_scores"], "shape": list(logits.shape),
                       "timm": sorted(m for m in sys.modules if m == "timm" or m.startswith("timm.")),
+                      "server": sorted(m for m in sys.modules if m.startswith("deltavision.mist.server")),
                       "model_api": "deltavision.model" in sys.modules}))
     """
 )
@@ -288,7 +290,7 @@ def test_edge_trains_and_predicts_offline_without_timm(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["timm"] == [] and report["model_api"] is False
+    assert report["timm"] == [] and report["model_api"] is False and report["server"] == []
     assert report["k"] in (1, 2) and set(report["scores"]) == {"1", "2"}
     assert report["shape"] == [3, 2]
     assert report["applied"] is sys.platform.startswith("linux")

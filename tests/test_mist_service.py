@@ -383,3 +383,94 @@ def test_edge_eval_and_predict_refuse_a_service_with_other_features(service, tmp
     finally:
         if serving is not service:
             serving.close()
+
+
+# --- the serve command: tokens, TLS, exposure warnings ------------------------------------------------
+
+
+@pytest.fixture()
+def serve_cli(model, monkeypatch):
+    """Run `serve` with the tiny model and without listening: returns (invoke, what serve() was given)."""
+    from typer.testing import CliRunner
+
+    from deltavision.mist import cli
+    from deltavision.mist.server import app as app_module
+    from deltavision.mist.server import service as service_module
+
+    served = {}
+
+    def build(backbone, config, **options):
+        served["config"] = config
+        return FeatureService(model, backbone=backbone, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, config=config)
+
+    monkeypatch.setattr(service_module, "build_service", build)
+    monkeypatch.setattr(app_module, "serve", lambda service, host, port, **options: served.update(options, host=host))
+    monkeypatch.delenv("DELTAVISION_TOKEN", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli.app, ["serve", "--backbone", "vit_small_patch16_224", *map(str, args)])
+
+    return invoke, served
+
+
+def test_serve_generates_and_prints_a_token_when_none_is_given(serve_cli):
+    invoke, served = serve_cli
+    result = invoke()
+    assert result.exit_code == 0, result.output
+    token = served["config"].token
+    assert len(token) >= 16 and token in result.output and "warning" not in result.output
+
+
+def test_serve_refuses_a_short_token(serve_cli):
+    invoke, served = serve_cli
+    result = invoke("--token", "abc")
+    assert isinstance(result.exception, DeltaVisionError) and "at least 16" in str(result.exception)
+    assert "config" not in served  # refused before the backbone is built
+
+
+@pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("localhost", False), ("::1", False),
+                                          ("0.0.0.0", True), ("192.168.1.20", True), ("edge-server.lan", True)])  # fmt: skip
+def test_serve_warns_on_a_non_loopback_host_without_tls(serve_cli, host, warned):
+    invoke, _ = serve_cli
+    result = invoke("--token", TOKEN, "--host", host)
+    assert result.exit_code == 0, result.output
+    assert ("unencrypted" in result.output) is warned
+
+
+def test_serve_passes_tls_files_and_needs_both(serve_cli, tmp_path):
+    invoke, served = serve_cli
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key.write_text("k"), cert.write_text("c")
+    result = invoke("--token", TOKEN, "--host", "0.0.0.0", "--ssl-keyfile", key, "--ssl-certfile", cert)
+    assert result.exit_code == 0 and "unencrypted" not in result.output and "https://" in result.output
+    assert (served["ssl_keyfile"], served["ssl_certfile"]) == (str(key), str(cert))
+    half = invoke("--token", TOKEN, "--ssl-keyfile", key)
+    assert isinstance(half.exception, DeltaVisionError) and "both" in str(half.exception)
+
+
+def test_tls_serves_https_on_loopback(service, tmp_path):
+    """A self-signed certificate made by openssl; skipped where openssl is missing."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    port = free_port()
+    server = uvicorn.Server(server_config(service, "127.0.0.1", port, ssl_keyfile=str(key), ssl_certfile=str(cert)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert)), timeout=10) as https:
+            assert https.get(f"https://127.0.0.1:{port}/v1/info", headers=AUTH).json()["fingerprint"] == service.fingerprint
+    finally:
+        server.should_exit = True
+        thread.join(10)
