@@ -475,3 +475,22 @@ def test_the_client_retries_with_exponential_backoff_until_its_deadline():
     with pytest.raises(ServiceError, match="after retrying for 10 s"):
         gone.info()
     assert now[0] <= 10.0 and len(waits) >= 5
+
+
+def test_request_batches_respect_the_services_pixel_budget():
+    import io as bytes_io
+
+    from PIL import Image
+
+    from deltavision.mist.edge.client import image_item, request_batches
+
+    def blank(width, height):
+        buffer = bytes_io.BytesIO()
+        Image.new("L", (width, height)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    items = [image_item(0, encoded=blank(100, 100 + i)) for i in range(5)]  # ~10,000 pixels each
+    limits = {"max_images": 64, "max_body_bytes": 10**6, "max_request_pixels": 25_000}
+    assert [len(batch) for batch in request_batches(items, limits)] == [2, 2, 1]
+    del limits["max_request_pixels"]  # a service from before the budget existed
+    assert [len(batch) for batch in request_batches(items, limits)] == [5]

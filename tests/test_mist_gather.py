@@ -113,3 +113,17 @@ def test_unknown_k_is_refused():
     gather = Gather(seeded("vit_small_patch16_224", **TINY_VIT))
     with pytest.raises(ValueError, match="1..4"):
         gather(random_images(1), ks=[5])
+
+
+def test_gather_is_public_and_loaded_lazily():
+    import subprocess
+    import sys
+
+    import deltavision.mist
+    from deltavision.mist.server.gather import Gather as Direct
+
+    assert deltavision.mist.Gather is Direct
+    script = "import sys, deltavision.mist; print(any(m.startswith('deltavision.mist.server') for m in sys.modules))"
+    # deltavision/__init__ loads the model API (and timm); what matters is that mist itself loads no server module
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr[-500:]

@@ -33,14 +33,6 @@ edge_app = typer.Typer(
 )
 
 
-def _literal(text: str):
-    """A backbone option value: a Python literal (32, 0.1, (1, 2), True) or else the string itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 LOW_MEMORY_HELP = "Return freed tensor memory to the system at once (lower peak RSS, slower steps)."
 
 
@@ -69,7 +61,10 @@ def _backbone_options(pairs: Optional[List[str]]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise MethodOptionError(f"backbone option {pair!r} should look like key=value")
-        options[key.strip()] = _literal(value.strip())
+        try:  # a Python literal (32, 0.1, (1, 2), True), else the string itself
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
     return options
 
 

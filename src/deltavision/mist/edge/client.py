@@ -218,10 +218,10 @@ def download_features(
         store.discard_damaged(k, dtype)  # their images are missing now, so fetched again
     missing = set(store.missing([item.digest for item in items], ks, dtype))
     todo = list({item.digest: item for item in items if item.digest in missing}.values())
-    limits = client.info()["limits"]
-    max_images = max(1, min(batch_size or limits["max_images"], limits["max_images"]))
+    limits = dict(client.info()["limits"])
+    limits["max_images"] = max(1, min(batch_size or limits["max_images"], limits["max_images"]))
     bar = tqdm(total=len(todo), desc=f"features k={','.join(map(str, ks))} {dtype}", unit="img", disable=not progress)
-    for done, batch in enumerate(request_batches(todo, max_images, limits["max_body_bytes"]), start=1):
+    for done, batch in enumerate(request_batches(todo, limits), start=1):
         payload = client.features(batch, ks, dtype)
         for k in ks:
             store.write_shard(k, dtype, payload.digests, payload.features[k], payload.scales.get(k))
@@ -232,18 +232,36 @@ def download_features(
     return len(todo)
 
 
-def request_batches(items: Sequence[ImageItem], max_images: int, max_bytes: int):
-    """Encoded images in request-sized batches: at most ``max_images``, and under the body limit
-    with room for the multipart framing (an image too big on its own travels alone)."""
-    budget = int(max_bytes * 0.9) - 4096
+def request_batches(items: Sequence[ImageItem], limits: dict[str, Any]):
+    """Encoded images in request-sized batches under the service's ``limits``: at most
+    ``max_images``, under the body limit with room for the multipart framing, and holding at most
+    ``max_request_pixels`` (an image too big on its own travels alone)."""
+    max_images = max(1, int(limits["max_images"]))
+    budget = int(limits["max_body_bytes"] * 0.9) - 4096
+    max_pixels = limits.get("max_request_pixels")  # absent from services before it existed
     batch: list[bytes] = []
-    size = 0
+    size = pixels = 0
     for item in items:
         data = item.read()
-        if batch and (len(batch) == max_images or size + len(data) > budget):
+        area = image_pixels(data) if max_pixels else 0
+        full = len(batch) == max_images or size + len(data) > budget or (max_pixels and pixels + area > max_pixels)
+        if batch and full:
             yield batch
-            batch, size = [], 0
+            batch, size, pixels = [], 0, 0
         batch.append(data)
         size += len(data)
+        pixels += area
     if batch:
         yield batch
+
+
+def image_pixels(data: bytes) -> int:
+    """Width x height from an image's header (0 if unreadable: the service will say why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # undecodable bytes are reported by the service, with the image's name
+        return 0
+    return width * height

@@ -144,7 +144,7 @@ def predict_files(
     with _connected(server, token, config, retry_seconds) as client:
         limits = client.info()["limits"]
         start = 0
-        for batch in request_batches(items, limits["max_images"], limits["max_body_bytes"]):
+        for batch in request_batches(items, limits):
             payload = client.features(batch, [config.k], config.dtype)
             with torch.no_grad():
                 probabilities = model(payload.as_float32(config.k)).softmax(dim=1)
