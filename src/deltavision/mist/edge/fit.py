@@ -92,24 +92,24 @@ def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: Fe
     generator = torch.Generator().manual_seed(config.seed)
     bar = tqdm(total=epochs * steps_per_epoch, desc=f"edge k={train.k}", unit="step", disable=not config.progress)
     history = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        loss_sum = 0.0
-        for step, (features, labels) in enumerate(train.batches(config.batch_size, generator), start=1):
-            loss = criterion(model(features), labels)
-            _check_finite(loss, epoch, step, train.k, config.lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(labels)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-        row = {"epoch": epoch, "train_loss": loss_sum / len(train)}
-        if val is not None:
-            row.update(evaluate_edge(model, val))
-        history.append(row)
-    bar.close()
+    with bar:  # closed (ending its line) before any error is reported
+        for epoch in range(1, epochs + 1):
+            model.train()
+            loss_sum = 0.0
+            for step, (features, labels) in enumerate(train.batches(config.batch_size, generator), start=1):
+                loss = criterion(model(features), labels)
+                _check_finite(loss, epoch, step, train.k, config.lr)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.item() * len(labels)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            row = {"epoch": epoch, "train_loss": loss_sum / len(train)}
+            if val is not None:
+                row.update(evaluate_edge(model, val))
+            history.append(row)
     return history
 
 

@@ -50,11 +50,13 @@ MAX_HEADER_BYTES = 16 * 1024
 HEADER_TIMEOUT = 10.0
 KEEP_ALIVE_TIMEOUT = 5.0
 
+
 def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def _check_token(service: FeatureService, request: Request) -> None:
+    """401 unless the request carries exactly the service's bearer token (compared in constant time)."""
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), service.config.token.encode()):
         raise ApiError(401, "unauthorized", "send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
