@@ -11,7 +11,7 @@
    batch 32 (or predicts at batch 32) on ViT-B/16-shaped features (197 x 768,
    float16, read from a local feature store on disk) and reports the growth of
    the peak over that post-import baseline. Targets: < 500 MB and < 200 MB.
-3. **Service throughput**: a service process (``python -m deltavision.serve
+3. **Service throughput**: a service process (``python -m deltavision.mist
    serve``) under concurrent client threads on loopback, each request carrying
    distinct real JPEG photos (sklearn sample images, random crops), bounded in
    request count; images/s and per-request p50/p99 latency. The reference is
@@ -54,7 +54,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-TOKEN = "benchmark-token"
+TOKEN = "benchmark-token-0123456789"
 VIT_B = "vit_base_patch16_224"
 EMBEDDED = "tf_efficientnet_lite0"
 MIB = 2**20
@@ -174,8 +174,9 @@ def transfer_rows(backbone: str, image_size: int, pretrained: bool) -> list[dict
     from fastapi.testclient import TestClient
 
     from deltavision.backbones import create_backbone
-    from deltavision.serve.service import FeatureService, ServiceConfig, create_app
-    from deltavision.serve.wire import unpack
+    from deltavision.mist.server.app import create_app
+    from deltavision.mist.server.service import FeatureService, ServiceConfig
+    from deltavision.mist.wire import unpack
 
     torch.manual_seed(0)
     model = create_backbone(backbone, 0, pretrained=pretrained).eval()
@@ -188,7 +189,7 @@ def transfer_rows(backbone: str, image_size: int, pretrained: bool) -> list[dict
     client = TestClient(create_app(service))
     info = service.info()
     rows = [_row("transfer", setting, "feature shape (tokens x C)", f"{info['feature_shape'][0]} x {info['feature_shape'][1]}", "")]
-    rows.append(_row("transfer", setting, "k candidates", str(info["k_values"]), ""))
+    rows.append(_row("transfer", setting, "k candidates", str(info["ks"]), ""))
     rows.append(_row("transfer", setting, "input JPEG (mean of 8 crops)", sum(map(len, images)) / 8, "bytes"))
     for dtype in ("float32", "float16", "int8"):
         response = client.post("/v1/features", params={"dtype": dtype}, files=files, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -207,7 +208,7 @@ def transfer_rows(backbone: str, image_size: int, pretrained: bool) -> list[dict
 
 
 def fill_vit_b_store(root: Path, count: int) -> tuple[str, list[str]]:
-    from deltavision.serve.store import FeatureStore
+    from deltavision.mist.edge.store import FeatureStore
 
     store = FeatureStore(root, "vit-b-shaped")
     names = [f"image{i:05d}" for i in range(count)]
@@ -226,9 +227,9 @@ def memory_worker(mode: str, allocator: str, root: str, model_dir: str, count: i
 
     if allocator == "low-memory":
         assert release_large_blocks()
-    from deltavision.serve.edge import EdgeConfig, EdgeNetwork, load_edge
-    from deltavision.serve.fit import FeatureSet, FitConfig, evaluate_edge, train_edge
-    from deltavision.serve.store import FeatureStore
+    from deltavision.mist.edge.network import EdgeConfig, EdgeNetwork, load_edge
+    from deltavision.mist.edge.fit import FeatureSet, FitConfig, evaluate_edge, train_edge
+    from deltavision.mist.edge.store import FeatureStore
 
     store = FeatureStore(Path(root), "vit-b-shaped")
     names = [f"image{i:05d}" for i in range(count)]
@@ -252,7 +253,7 @@ def memory_worker(mode: str, allocator: str, root: str, model_dir: str, count: i
 
 def memory_rows(work: Path, count: int) -> list[dict]:
     import deltavision
-    from deltavision.serve.edge import EdgeConfig, EdgeNetwork, count_trainable, save_edge
+    from deltavision.mist.edge.network import EdgeConfig, EdgeNetwork, count_trainable, save_edge
 
     root = work / "vit-b-features"
     fill_vit_b_store(root, count)
@@ -284,13 +285,13 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """``python -m deltavision.serve serve`` on a free loopback port, stopped on exit."""
+    """``python -m deltavision.mist serve`` on a free loopback port, stopped on exit."""
 
     def __init__(self, *arguments: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DELTAVISION_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
-        command = [sys.executable, "-m", "deltavision.serve", "serve", "--port", str(self.port), *arguments]
+        command = [sys.executable, "-m", "deltavision.mist", "serve", "--port", str(self.port), *arguments]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
     def __enter__(self) -> "ServiceProcess":
@@ -321,18 +322,18 @@ def baseline_worker(backbone: str, image_size: int, batch: int, images: int, pre
     """Images/s of the Gather pass on ready tensors, timed in the main thread and in a second
     thread (where the service runs it; on a contended CPU the two can differ), interleaved."""
     from deltavision.backbones import create_backbone
-    from deltavision.serve.gather import Gatherer
+    from deltavision.mist.server.gather import Gather
 
     torch.manual_seed(0)
-    gatherer = Gatherer(create_backbone(backbone, 0, pretrained=pretrained))
+    gather = Gather(create_backbone(backbone, 0, pretrained=pretrained))
     pixels = torch.randn(batch, 3, image_size, image_size)
     speeds: dict[str, list[float]] = {"main thread": [], "worker thread": []}
 
     def timed(where: str) -> None:
-        gatherer(pixels)  # warm-up at the timed batch shape
+        gather(pixels)  # warm-up at the timed batch shape
         started, done = time.perf_counter(), 0
         while done < images:
-            gatherer(pixels[: min(batch, images - done)])
+            gather(pixels[: min(batch, images - done)])
             done += min(batch, images - done)
         speeds[where].append(images / (time.perf_counter() - started))
 
@@ -415,8 +416,8 @@ def throughput_rows(backbone: str, image_size: int, pretrained: bool, images: in
 
 
 def accuracy_rows(work: Path, epochs: int, train_limit: int, val_limit: int, image_size: int) -> list[dict]:
-    from deltavision.serve.fit import FitConfig
-    from deltavision.serve.tasks import FitOptions, fit_edge
+    from deltavision.mist.edge.fit import FitConfig
+    from deltavision.mist.edge.commands import FitOptions, fit_edge
 
     torch.set_num_threads(1)  # the edge default; also used for linear probing (2 contended threads were slower)
     setting = f"{EMBEDDED} (ImageNet) on Fashion-MNIST, {image_size}px, {train_limit}/{val_limit}, {epochs} epochs"
@@ -454,7 +455,7 @@ def accuracy_rows(work: Path, epochs: int, train_limit: int, val_limit: int, ima
 def linear_probe_rows(work: Path, setting: str, epochs: int, train_limit: int, val_limit: int, image_size: int) -> list[dict]:
     """The library's "linear" method through run_training, at its default lr and at the edge's."""
     from deltavision.methods import get_method
-    from deltavision.serve.fit import FitConfig
+    from deltavision.mist.edge.fit import FitConfig
     from deltavision.train import RunConfig, TrainConfig, run_training
 
     rows = []

@@ -12,12 +12,21 @@ import torch
 
 import deltavision
 from deltavision.errors import AdapterFileError
-from deltavision.serve.cache import FeatureLRU
-from deltavision.serve.edge import EdgeConfig, EdgeNetwork, default_qkv_width, load_edge, save_edge
+from deltavision.mist.server.cache import FeatureLRU
+from deltavision.mist.edge.network import (
+    EdgeConfig,
+    EdgeNetwork,
+    LAEBlock,
+    block_parameters,
+    count_trainable,
+    default_qkv_width,
+    load_edge,
+    save_edge,
+)
 from deltavision.schedule import warmup_then_cosine
-from deltavision.serve.fit import FeatureSet, FitConfig, evaluate_edge, train_edge
-from deltavision.serve.store import FeatureStore
-from deltavision.serve.wire import PayloadError, pack, quantize_int8, to_float32, unpack
+from deltavision.mist.edge.fit import FeatureSet, FitConfig, evaluate_edge, train_edge
+from deltavision.mist.edge.store import FeatureStore
+from deltavision.mist.wire import PayloadError, pack, quantize_int8, to_float32, unpack
 
 TOKENS, WIDTH = 17, 32
 
@@ -94,7 +103,7 @@ def test_payload_round_trip_per_dtype(dtype, tolerance):
     gathered = {k: torch.randn(3, TOKENS, WIDTH) * (k + 1) for k in (1, 3)}
     data = pack(gathered, dtype, ["x", "y", "z"], {"backbone": "tiny"})
     payload = unpack(data)
-    assert payload.ks == [1, 3] and payload.hashes == ["x", "y", "z"] and payload.dtype == dtype
+    assert payload.ks == [1, 3] and payload.digests == ["x", "y", "z"] and payload.dtype == dtype
     assert payload.metadata["backbone"] == "tiny"
     for k, original in gathered.items():
         assert payload.features[k].dtype == {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}[dtype]
@@ -164,15 +173,36 @@ def test_feature_spaces_of_different_services_stay_apart(tmp_path):
 def test_lru_is_bounded_by_bytes_and_evicts_least_recently_used():
     entry = lambda: {1: torch.zeros(10), 2: torch.zeros(15)}  # noqa: E731  100 bytes
     cache = FeatureLRU(max_bytes=250)
-    cache.put("a", entry())
-    cache.put("b", entry())
+    cache.keep("a", entry())
+    cache.keep("b", entry())
     assert cache.get("a") is not None  # a is now the most recent
-    cache.put("c", entry())
+    cache.keep("c", entry())
     assert "b" not in cache and "a" in cache and "c" in cache
     assert cache.bytes == 200 and cache.stats()["hits"] == 1
     assert cache.get("zz") is None and cache.misses == 1
-    cache.put("huge", {1: torch.zeros(100)})
+    cache.keep("huge", {1: torch.zeros(100)})
     assert "huge" not in cache and len(cache) == 2
+
+
+def test_lru_keeps_the_first_answer_for_a_digest():
+    cache = FeatureLRU(max_bytes=1000)
+    first = {1: torch.zeros(10)}
+    assert cache.keep("a", first) is first
+    assert cache.keep("a", {1: torch.ones(10)}) is first and cache.get("a") is first
+
+
+@pytest.mark.parametrize("width, qkv_width, heads", [(768, 16, 1), (768, 16, 4), (768, 30, 1), (32, 8, 2), (192, 8, 1)])
+def test_lae_block_parameters_follow_the_formula(width, qkv_width, heads):
+    assert count_trainable(LAEBlock(width, qkv_width, heads)) == block_parameters(width, qkv_width)
+
+
+def test_lae_parameter_counts_against_the_paper():
+    """The text's block (r = 16) at C = 768, and the width that reproduces Table 4 (r = 30)."""
+    assert block_parameters(768, 16) == 51_504  # LN 1,536 + QKV 36,912 + output 13,056
+    assert round(4 * block_parameters(768, 30) / 1e6, 2) == 0.38 and round(8 * block_parameters(768, 30) / 1e6, 2) == 0.76
+    assert round(12 * block_parameters(768, 16) / 1e6 + 769 * 49.5 / 1e6, 2) == 0.66  # LAST in MIST's Table 1
+    network = EdgeNetwork(EdgeConfig(tokens=197, width=768, classes=["a", "b"], k=12))
+    assert count_trainable(network) == 4 * 51_504 + 2 * 768 + (768 * 2 + 2)
 
 
 # --- training on stored features ------------------------------------------------------------------
@@ -219,10 +249,10 @@ NO_TIMM_SCRIPT = textwrap.dedent(
     sys.modules["deltavision"] = package
 
     import torch
-    from deltavision.serve.fit import FitConfig
-    from deltavision.serve.store import FeatureStore
-    from deltavision.serve.tasks import FitOptions, fit_edge
-    from deltavision.serve.edge import load_edge
+    from deltavision.mist.edge.fit import FitConfig
+    from deltavision.mist.edge.store import FeatureStore
+    from deltavision.mist.edge.commands import FitOptions, fit_edge
+    from deltavision.mist.edge.network import load_edge
     from deltavision.memory import release_large_blocks
 
     applied = release_large_blocks()  # what the edge CLI does first
@@ -235,15 +265,17 @@ NO_TIMM_SCRIPT = textwrap.dedent(
         features = torch.randn(24, 5, 16, generator=generator) + torch.tensor(labels)[:, None, None]
         store.write_shard(k, "float16", names, features.half(), None)
     service = {"backbone": "vit_base_patch16_224", "family": "vit", "fingerprint": "fp", "image_size": 224,
-               "mean": [0.5] * 3, "std": [0.5] * 3, "feature_shape": [5, 16], "k_values": [1, 2], "num_blocks": 2}
+               "mean": [0.5] * 3, "std": [0.5] * 3, "feature_shape": [5, 16], "ks": [1, 2], "num_blocks": 2}
     pairs = [[n, l] for n, l in zip(names, labels)]
     store.write_manifest({"classes": ["even", "odd"], "train": pairs[:16], "val": pairs[16:], "service": service})
+    import deltavision.mist, deltavision.mist.cli, deltavision.mist.edge.client, deltavision.mist.edge.commands  # noqa: E401
     summary = fit_edge(FitOptions(out=out, cache=root, offline=True, k="auto", dtype="float16",
                                   fit=FitConfig(epochs=2, select_epochs=1, progress=False)))
     model = load_edge(out)
     logits = model(store.read(summary["k"], "float16", names[:3]))
     print(json.dumps({"applied": applied, "k": summary["k"], "scores": summary["k_scores"], "shape": list(logits.shape),
                       "timm": sorted(m for m in sys.modules if m == "timm" or m.startswith("timm.")),
+                      "server": sorted(m for m in sys.modules if m.startswith("deltavision.mist.server")),
                       "model_api": "deltavision.model" in sys.modules}))
     """
 )
@@ -258,7 +290,207 @@ def test_edge_trains_and_predicts_offline_without_timm(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["timm"] == [] and report["model_api"] is False
+    assert report["timm"] == [] and report["model_api"] is False and report["server"] == []
     assert report["k"] in (1, 2) and set(report["scores"]) == {"1", "2"}
     assert report["shape"] == [3, 2]
     assert report["applied"] is sys.platform.startswith("linux")
+
+
+# --- damaged or tampered feature caches -----------------------------------------------------------
+
+SERVICE = {"backbone": "vit_base_patch16_224", "family": "vit", "fingerprint": "fp", "image_size": 224,
+           "mean": [0.5] * 3, "std": [0.5] * 3, "feature_shape": [TOKENS, WIDTH], "ks": [1, 2], "num_blocks": 2}  # fmt: skip
+
+
+def offline_cache(root: Path, count: int = 24, per_shard: int = 6) -> tuple[FeatureStore, list[str]]:
+    """A filled feature cache (k = 1 and 2, float16, shards of ``per_shard``) with its manifest."""
+    store, names = FeatureStore(root, "fp"), hashes(count)
+    labels = [i % 2 for i in range(count)]
+    generator = torch.Generator().manual_seed(0)
+    for k in (1, 2):
+        features = torch.randn(count, TOKENS, WIDTH, generator=generator) + torch.tensor(labels)[:, None, None]
+        for start in range(0, count, per_shard):
+            store.write_shard(k, "float16", names[start : start + per_shard], features[start : start + per_shard].half(), None)
+    pairs = [[n, label] for n, label in zip(names, labels)]
+    store.write_manifest({"classes": ["even", "odd"], "train": pairs[:16], "val": pairs[16:], "service": SERVICE})
+    return store, names
+
+
+def fit_offline(root: Path, out: Path, **changes):
+    from deltavision.mist.edge.commands import FitOptions, fit_edge
+
+    options = dict(out=out, cache=root, offline=True, k="2", dtype="float16",
+                   fit=FitConfig(epochs=1, select_epochs=1, progress=False))  # fmt: skip
+    return fit_edge(FitOptions(**{**options, **changes}))
+
+
+def overwrite_tail(path: Path, value: int, count: int = 256) -> None:
+    data = bytearray(path.read_bytes())
+    data[-count:] = bytes([value]) * count
+    path.write_bytes(bytes(data))
+
+
+def first_shard(root: Path, k: int = 2) -> Path:
+    return sorted((root / "fp" / f"k{k}-float16").glob("*.safetensors"))[0]
+
+
+@pytest.mark.parametrize("value", [0xFF, 0x00], ids=["bytes flipped to NaN", "bytes flipped to finite values"])
+def test_a_damaged_shard_is_detected_by_its_checksum(tmp_path, value):
+    store, _ = offline_cache(tmp_path / "cache")
+    overwrite_tail(first_shard(tmp_path / "cache"), value)
+    with pytest.raises(AdapterFileError, match="fail their checksum"):
+        fit_offline(tmp_path / "cache", tmp_path / "edge")
+    assert not (tmp_path / "edge" / "edge_model.safetensors").exists()
+    assert FeatureStore(tmp_path / "cache", "fp").damaged(2, "float16") == [first_shard(tmp_path / "cache")]
+
+
+def test_online_the_images_of_a_damaged_shard_are_fetched_again(tmp_path):
+    from deltavision.mist.edge.client import download_features, image_item
+    from deltavision.mist.wire import unpack as parse
+
+    class FakeService:
+        """A feature service in-process: random features, remembering which images it was sent."""
+
+        def __init__(self):
+            self.sent = []
+
+        def info(self):
+            return {**SERVICE, "limits": {"max_images": 6, "max_body_bytes": 10**6}}
+
+        def features(self, images, ks, dtype):
+            from deltavision.mist.wire import digest
+
+            self.sent += [digest(data) for data in images]
+            gathered = {k: torch.randn(len(images), TOKENS, WIDTH) for k in ks}
+            return parse(pack(gathered, dtype, [digest(data) for data in images], {}))
+
+    items = [image_item(i % 2, encoded=f"image {i}".encode()) for i in range(12)]
+    store = FeatureStore(tmp_path / "cache", "fp")
+    service = FakeService()
+    assert download_features(service, store, items, [2], "float16", progress=False) == 12
+    damaged = first_shard(tmp_path / "cache")
+    overwrite_tail(damaged, 0xFF)
+    service.sent.clear()
+    fresh = FeatureStore(tmp_path / "cache", "fp")
+    assert download_features(service, fresh, items, [2], "float16", progress=False) == 6
+    assert set(service.sent) == {item.digest for item in items[:6]} or set(service.sent) == {item.digest for item in items[6:]}
+    assert fresh.damaged(2, "float16") == [] and fresh.missing([i.digest for i in items], [2], "float16") == []
+    assert torch.isfinite(fresh.read(2, "float16", [i.digest for i in items])).all()
+
+
+def test_tampered_shapes_and_labels_are_clear_errors(tmp_path):
+    store, names = offline_cache(tmp_path / "cache")
+    store.write_shard(2, "float16", names[:6], torch.zeros(6, TOKENS + 3, WIDTH).half(), None)  # a sound shard, other shape
+    with pytest.raises(AdapterFileError, match=r"shape \(20, 32\).*\(17, 32\)"):
+        fit_offline(tmp_path / "cache", tmp_path / "edge")
+
+    store, _ = offline_cache(tmp_path / "labels")
+    manifest = json.loads((tmp_path / "labels" / "fp" / "manifest.json").read_text())
+    for label, expected in ((7, "label 7"), ("x", "label 'x'"), (-1, "label -1")):
+        manifest["train"][3][1] = label
+        (tmp_path / "labels" / "fp" / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(AdapterFileError, match=expected):
+            fit_offline(tmp_path / "labels", tmp_path / "edge")
+
+
+def test_non_finite_values_in_a_sound_shard_are_refused_when_read(tmp_path):
+    store = FeatureStore(tmp_path, "fp")
+    features = torch.zeros(2, TOKENS, WIDTH)
+    features[1, 3, 4] = float("nan")
+    store.write_shard(1, "float32", ["a", "b"], features, None)
+    assert store.read(1, "float32", ["a"]).shape == (1, TOKENS, WIDTH)
+    with pytest.raises(AdapterFileError, match="non-finite"):
+        store.read(1, "float32", ["b"])
+
+
+def test_training_stops_on_a_non_finite_loss():
+    from deltavision.mist.edge.fit import NonFiniteLossError
+
+    class PoisonedFeatures:
+        k = 2
+
+        def __len__(self):
+            return 8
+
+        def batches(self, batch_size, generator=None):
+            yield torch.randn(4, TOKENS, WIDTH), torch.zeros(4, dtype=torch.long)
+            yield torch.full((4, TOKENS, WIDTH), float("nan")), torch.zeros(4, dtype=torch.long)
+
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step 2"):
+        train_edge(EdgeNetwork(edge_config()), PoisonedFeatures(), FitConfig(epochs=1, batch_size=4, progress=False))
+
+
+@pytest.mark.parametrize("tamper", ["flipped bytes", "labels"])
+def test_the_cli_reports_a_damaged_cache_in_one_line(tmp_path, monkeypatch, capsys, tamper):
+    from deltavision.mist.cli import main
+
+    store, _ = offline_cache(tmp_path / "cache")
+    if tamper == "flipped bytes":
+        overwrite_tail(first_shard(tmp_path / "cache"), 0xFF)
+    else:
+        manifest = store.read_manifest()
+        manifest["val"][0][1] = 9
+        (tmp_path / "cache" / "fp" / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["mist", "edge", "fit", "--offline", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "edge"),
+            "--k", "2", "--epochs", "1", "--no-low-memory"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    assert exited.value.code == 2
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err
+
+
+# --- the client rides out a service restart ---------------------------------------------------------
+
+
+def test_the_client_retries_with_exponential_backoff_until_its_deadline():
+    import httpx
+
+    from deltavision.mist.edge.client import FeatureClient, ServiceError
+
+    now, waits = [0.0], []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        now[0] += seconds
+
+    def service_restarting_for(seconds):
+        def handle(request):
+            if now[0] < seconds:
+                raise httpx.ConnectError("connection refused", request=request)
+            return httpx.Response(200, json={"fingerprint": "fp"})
+
+        return httpx.MockTransport(handle)
+
+    client = FeatureClient("http://service", "t" * 16, transport=service_restarting_for(20.0), sleep=sleep,
+                           clock=lambda: now[0])  # fmt: skip
+    assert client.info() == {"fingerprint": "fp"}  # a 20 s restart is ridden out (the default is 60 s)
+    assert waits[:6] == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0] and max(waits) == 8.0 and 20.0 <= now[0] < 28.0
+
+    now[0], waits[:] = 0.0, []
+    gone = FeatureClient("http://service", "t" * 16, retry_seconds=10, transport=service_restarting_for(1e9),
+                         sleep=sleep, clock=lambda: now[0])  # fmt: skip
+    with pytest.raises(ServiceError, match="after retrying for 10 s"):
+        gone.info()
+    assert now[0] <= 10.0 and len(waits) >= 5
+
+
+def test_request_batches_respect_the_services_pixel_budget():
+    import io as bytes_io
+
+    from PIL import Image
+
+    from deltavision.mist.edge.client import image_item, request_batches
+
+    def blank(width, height):
+        buffer = bytes_io.BytesIO()
+        Image.new("L", (width, height)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    items = [image_item(0, encoded=blank(100, 100 + i)) for i in range(5)]  # ~10,000 pixels each
+    limits = {"max_images": 64, "max_body_bytes": 10**6, "max_request_pixels": 25_000}
+    assert [len(batch) for batch in request_batches(items, limits)] == [2, 2, 1]
+    del limits["max_request_pixels"]  # a service from before the budget existed
+    assert [len(batch) for batch in request_batches(items, limits)] == [5]

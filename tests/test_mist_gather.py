@@ -6,7 +6,7 @@ import torch
 from conftest import IMAGE_SIZE, TINY, random_images
 
 from deltavision.anatomy.layout import to_tokens
-from deltavision.serve.gather import Gatherer, candidate_ks
+from deltavision.mist.server.gather import Gather, candidate_ks
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 
@@ -37,7 +37,7 @@ def test_vit_gather_is_embedding_plus_block_outputs_from_forward_intermediates()
         torch.cat([prefix, patches], dim=1)
         for prefix, patches in zip(timm_outputs["image_intermediates_prefix"], timm_outputs["image_intermediates"])
     ]
-    gathered = Gatherer(model)(images)
+    gathered = Gather(model)(images)
     assert sorted(gathered) == [1, 2, 3, 4]
     for k, features in gathered.items():
         manual = embedded["z0"] + sum(blocks[:k])
@@ -52,7 +52,7 @@ def test_vit_gather_n_ends_at_the_stream_forward_features_normalises():
     model.blocks[-1].register_forward_hook(lambda module, args, output: last.setdefault("out", output))
     with torch.no_grad():
         model.forward_features(images)
-    gathered = Gatherer(model)(images, ks=[3, 4])
+    gathered = Gather(model)(images, ks=[3, 4])
     difference = gathered[4] - gathered[3]  # z_4, the last block's output
     torch.testing.assert_close(difference, last["out"], rtol=1e-4, atol=1e-4)
 
@@ -63,7 +63,7 @@ def test_last_stage_span_sums_the_last_residual_stream_as_the_backbone_runs_it(f
     with hooks during timm's own forward_features."""
     name, options = TINY[family]
     model = seeded(name, **options)
-    gatherer = Gatherer(model, span="last_stage")
+    gatherer = Gather(model, span="last_stage")
     blocks = [model.get_submodule(block) for block in gatherer.summed_blocks]
     seen = {"outputs": []}
     blocks[0].register_forward_pre_hook(lambda module, args: seen.setdefault("z0", args[0]))
@@ -90,12 +90,12 @@ def test_last_stage_span_choices_per_family():
     }
     for family, expected in expectations.items():
         name, options = TINY[family]
-        assert Gatherer(seeded(name, **options), span="last_stage").summed_blocks == expected
+        assert Gather(seeded(name, **options), span="last_stage").summed_blocks == expected
 
 
 def test_default_span_runs_over_every_block_of_swin_t():
     """Appendix Sec. 8: on Swin-T, k ranges over all 12 blocks."""
-    gatherer = Gatherer(seeded("swin_tiny_patch4_window7_224"))
+    gatherer = Gather(seeded("swin_tiny_patch4_window7_224"))
     assert gatherer.span == "all" and gatherer.num_blocks == 12 and gatherer.ks == (3, 6, 9, 12)
 
 
@@ -117,7 +117,7 @@ def test_all_span_carries_the_sum_through_each_stage_downsampling():
         t3 = down2(t2) + s3
         t4 = t3 + b3(s3)
     expected = {1: down2(down1(t1)), 2: down2(t2), 3: t3, 4: t4}
-    gathered = Gatherer(model)(images)
+    gathered = Gather(model)(images)
     assert sorted(gathered) == [1, 2, 3, 4]
     for k, features in gathered.items():
         assert features.shape == (2, 2 * 2, 64), k
@@ -129,7 +129,7 @@ def test_all_span_passes_the_sum_through_blocks_without_a_skip():
     themselves; layer4.1 (identity skip) adds its output, as in timm's own forward_features."""
     name, options = TINY["resnet"]
     model = seeded(name, **options)
-    gatherer = Gatherer(model)
+    gatherer = Gather(model)
     assert gatherer.summed_blocks == ("layer1.0", "layer2.0", "layer3.0", "layer4.0", "layer4.1")
     seen = {}
     model.layer4[1].register_forward_pre_hook(lambda module, args: seen.setdefault("in", args[0]))
@@ -149,7 +149,7 @@ def test_all_span_passes_the_sum_through_blocks_without_a_skip():
 @pytest.mark.parametrize("span", ["all", "last_stage"])
 def test_every_k_has_the_announced_wire_shape(family, span):
     name, options = TINY[family]
-    gatherer = Gatherer(seeded(name, **options), span=span)
+    gatherer = Gather(seeded(name, **options), span=span)
     shape = gatherer.output_shape(IMAGE_SIZE)
     for k, features in gatherer(random_images(2)).items():
         assert features.shape == (2, shape.tokens, shape.width), k
@@ -158,14 +158,14 @@ def test_every_k_has_the_announced_wire_shape(family, span):
 
 def test_unknown_span_is_refused():
     with pytest.raises(ValueError, match="last_stage"):
-        Gatherer(seeded("vit_small_patch16_224", **TINY_VIT), span="first")
+        Gather(seeded("vit_small_patch16_224", **TINY_VIT), span="first")
 
 
 def test_gather_output_is_tokens_for_every_layout():
     name, options = TINY["convnext"]
-    gatherer = Gatherer(seeded(name, **options))
-    shape = gatherer.output_shape(64)
-    features = gatherer(random_images(2, size=64))[1]
+    gather = Gather(seeded(name, **options))
+    shape = gather.output_shape(64)
+    features = gather(random_images(2, size=64))[1]
     assert features.shape == (2, shape.tokens, shape.width) == (2, 4, 64)
     assert shape.grid == (2, 2) and shape.num_prefix_tokens == 0
 
@@ -175,12 +175,26 @@ def test_one_pass_stops_at_the_largest_k_asked_and_takes_no_gradient():
     calls = []
     for index, block in enumerate(model.blocks):
         block.register_forward_hook(lambda module, args, output, index=index: calls.append(index))
-    gathered = Gatherer(model)(random_images(1).requires_grad_(), ks=[1, 2])
+    gathered = Gather(model)(random_images(1).requires_grad_(), ks=[1, 2])
     assert calls == [0, 1]
     assert not any(t.requires_grad for t in gathered.values())
 
 
 def test_unknown_k_is_refused():
-    gatherer = Gatherer(seeded("vit_small_patch16_224", **TINY_VIT))
+    gather = Gather(seeded("vit_small_patch16_224", **TINY_VIT))
     with pytest.raises(ValueError, match="1..4"):
-        gatherer(random_images(1), ks=[5])
+        gather(random_images(1), ks=[5])
+
+
+def test_gather_is_public_and_loaded_lazily():
+    import subprocess
+    import sys
+
+    import deltavision.mist
+    from deltavision.mist.server.gather import Gather as Direct
+
+    assert deltavision.mist.Gather is Direct
+    script = "import sys, deltavision.mist; print(any(m.startswith('deltavision.mist.server') for m in sys.modules))"
+    # deltavision/__init__ loads the model API (and timm); what matters is that mist itself loads no server module
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr[-500:]

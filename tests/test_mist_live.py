@@ -1,4 +1,4 @@
-"""MIST against a real feature service: `python -m deltavision.serve serve` on a free loopback port.
+"""MIST against a real feature service: `python -m deltavision.mist serve` on a free loopback port.
 
 End-to-end edge training on real digits through the CLI, resuming an interrupted
 feature download without refetching, and a bounded concurrent load.
@@ -25,13 +25,13 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from deltavision.data import write_image_folder
-from deltavision.serve.cli import edge_app, serve_command
-from deltavision.serve.client import FeatureClient, ServiceError, download_features, labelled_images
-from deltavision.serve.edge import read_edge_config
-from deltavision.serve.store import FeatureStore
-from deltavision.serve.wire import unpack
+from deltavision.mist.cli import edge_app, serve_command
+from deltavision.mist.edge.client import FeatureClient, ServiceError, download_features, labelled_images
+from deltavision.mist.edge.network import read_edge_config
+from deltavision.mist.edge.store import FeatureStore
+from deltavision.mist.wire import unpack
 
-TOKEN = "live-test-token"
+TOKEN = "live-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 VIT_OPTIONS = ["img_size=32", "patch_size=8", "embed_dim=32", "depth=4", "num_heads=2"]
 STARTUP_SECONDS = 90
@@ -53,7 +53,7 @@ def server(tmp_path_factory):
     options = {key: int(value) for key, value in (option.split("=") for option in VIT_OPTIONS)}
     weights = timm.create_model("vit_small_patch16_224", pretrained=False, **options).state_dict()
     save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(checkpoint))
-    command = [sys.executable, "-m", "deltavision.serve", "serve", "--backbone", "vit_small_patch16_224",
+    command = [sys.executable, "-m", "deltavision.mist", "serve", "--backbone", "vit_small_patch16_224",
                "--checkpoint", str(checkpoint), "--port", str(port), "--max-wait-ms", "20", "--max-images", "16"]  # fmt: skip
     for option in VIT_OPTIONS:
         command += ["--backbone-opt", option]
@@ -173,7 +173,7 @@ def test_cli_errors_are_deltavision_errors(server, cli, digits300, tmp_path):
     wrong = cli("edge", "fit", "--server", server, "--token", "wrong", "--data", digits300, "--out", tmp_path / "x")
     assert isinstance(wrong.exception, ServiceError) and "token" in str(wrong.exception)
     closed = cli("edge", "fit", "--server", f"http://127.0.0.1:{free_port()}", "--token", TOKEN,
-                 "--data", digits300, "--out", tmp_path / "y")  # fmt: skip
+                 "--data", digits300, "--out", tmp_path / "y", "--retry-seconds", "1")  # fmt: skip
     assert isinstance(closed.exception, ServiceError) and "cannot reach" in str(closed.exception)
     bad_k = cli("edge", "fit", "--server", server, "--token", TOKEN, "--data", digits300, "--out", tmp_path / "z", "--k", "7")
     assert bad_k.exception is not None and "--k" in str(bad_k.exception)
@@ -184,7 +184,7 @@ class Interrupted(Exception):
 
 
 class RecordingClient(FeatureClient):
-    """Records the hashes it sends; with ``die_after`` it dies after that many answered requests,
+    """Records the digests it sends; with ``die_after`` it dies after that many answered requests,
     the last one answered but never stored (the batch in flight is lost)."""
 
     def __init__(self, *args, die_after: int | None = None, **kwargs):
@@ -193,7 +193,7 @@ class RecordingClient(FeatureClient):
 
     def features(self, images, ks, dtype):
         payload = super().features(images, ks, dtype)
-        self.sent.extend(payload.hashes)
+        self.sent.extend(payload.digests)
         if self.die_after is not None and len(self.sent) > self.die_after * 8:
             raise Interrupted
         return payload

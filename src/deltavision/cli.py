@@ -327,7 +327,7 @@ def compare_methods(
     console.print(f"table: {out / 'compare.md'}, plot: {out / 'accuracy_vs_params.png'}")
 
 
-from .serve.cli import edge_app, serve_command  # noqa: E402
+from .mist.cli import edge_app, serve_command  # noqa: E402
 
 app.command("serve")(serve_command)
 app.add_typer(edge_app, name="edge")

@@ -11,6 +11,9 @@ climbing past 500 MB while the live tensors peaked near 230 MB. A fixed
 threshold makes every block above it a private mapping that is unmapped as soon
 as it is freed. The price is page faults: training steps measured about 40%
 slower on 197 x 768 features (benchmarks/mist.py reports both settings).
+
+The feature service applies it too: decoding a large image allocates tens of
+megabytes that glibc would otherwise keep after the request.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 AdamW with linear warm-up then cosine decay, label-smoothed cross-entropy,
 weight decay on matrices only. Batches are read from the local feature store
-row by row, so memory holds one batch of features, never the dataset.
+row by row, so memory holds one batch of features, never the dataset. A loss
+that stops being finite ends training with :class:`NonFiniteLossError` rather
+than saving a NaN model.
 
 k is chosen as the paper does: train briefly for every candidate in
 {N/4, N/2, 3N/4, N} and keep the best validation top-1 (ties go to the larger k).
@@ -22,9 +24,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..schedule import warmup_then_cosine
-from .edge import EdgeNetwork
+from ...errors import DeltaVisionError
+from ...schedule import warmup_then_cosine
+from .network import EdgeNetwork
 from .store import FeatureStore
+
+
+class NonFiniteLossError(DeltaVisionError):
+    """Training produced a NaN or infinite loss (damaged features or a learning rate far too high)."""
 
 
 @dataclass
@@ -42,23 +49,28 @@ class FitConfig:
 
 @dataclass
 class FeatureSet:
-    """Labelled images of one split, read from ``store`` as Gather_k in ``dtype``."""
+    """Labelled images of one split, read from ``store`` as Gather_k in ``dtype``.
+
+    ``shape`` (T, C), when given, is checked on every row read.
+    """
 
     store: FeatureStore
     k: int
     dtype: str
-    hashes: list[str]
+    digests: list[str]
     labels: torch.Tensor
+    shape: tuple[int, int] | None = None
 
     def __len__(self) -> int:
-        return len(self.hashes)
+        return len(self.digests)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(float32 features, labels) batches, shuffled when a generator is given."""
         order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
         for start in range(0, len(self), batch_size):
             rows = order[start : start + batch_size].tolist()
-            yield self.store.read(self.k, self.dtype, [self.hashes[i] for i in rows]), self.labels[rows]
+            features = self.store.read(self.k, self.dtype, [self.digests[i] for i in rows], self.shape)
+            yield features, self.labels[rows]
 
 
 def _optimizer(model: nn.Module, config: FitConfig) -> torch.optim.AdamW:
@@ -80,24 +92,33 @@ def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: Fe
     generator = torch.Generator().manual_seed(config.seed)
     bar = tqdm(total=epochs * steps_per_epoch, desc=f"edge k={train.k}", unit="step", disable=not config.progress)
     history = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        loss_sum = 0.0
-        for features, labels in train.batches(config.batch_size, generator):
-            loss = criterion(model(features), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(labels)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-        row = {"epoch": epoch, "train_loss": loss_sum / len(train)}
-        if val is not None:
-            row.update(evaluate_edge(model, val))
-        history.append(row)
-    bar.close()
+    with bar:  # closed (ending its line) before any error is reported
+        for epoch in range(1, epochs + 1):
+            model.train()
+            loss_sum = 0.0
+            for step, (features, labels) in enumerate(train.batches(config.batch_size, generator), start=1):
+                loss = criterion(model(features), labels)
+                _check_finite(loss, epoch, step, train.k, config.lr)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.item() * len(labels)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            row = {"epoch": epoch, "train_loss": loss_sum / len(train)}
+            if val is not None:
+                row.update(evaluate_edge(model, val))
+            history.append(row)
     return history
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, k: int, lr: float) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"the training loss became {loss.item()} at epoch {epoch}, step {step} (k={k}); the features hold "
+            f"non-finite values or the learning rate {lr:g} is too high; nothing was saved"
+        )
 
 
 @torch.no_grad()

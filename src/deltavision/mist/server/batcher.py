@@ -3,8 +3,14 @@
 Requests submit single images; a worker thread takes the first waiting image,
 waits at most ``max_wait`` seconds for more (up to ``max_batch``), runs the
 batch once and resolves every submitter's future. An image already waiting or
-running under the same key is not queued twice: its submitters share a future,
-and one whose result is already stored (``lookup``) is not queued at all.
+running under the same digest is not queued twice: its submitters share a
+future, and one the cache holds is not queued at all.
+
+This module is the one place that reads and writes the feature cache
+(:meth:`MicroBatcher.cached`, the check in :meth:`MicroBatcher.submit`, the
+store in ``_run``): results are kept in the cache before their digest leaves
+the pending map, so under the lock an image is pending or cached, never in
+between, and every submitter gets the cache's first answer.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .cache import Entry, FeatureLRU
+
 BatchFn = Callable[[Sequence[str], torch.Tensor], Sequence[Any]]
 
 
@@ -28,24 +36,24 @@ class QueueFull(RuntimeError):
 
 @dataclass
 class _Job:
-    key: str
+    digest: str
     pixels: torch.Tensor
     future: Future
 
 
 class MicroBatcher:
-    """Runs ``run_batch(keys, stacked_pixels) -> one result per image`` on batches, in one thread.
+    """Runs ``run_batch(digests, stacked_pixels) -> one entry per image`` on batches, in one thread.
 
-    Each submitter's future completes with its image's result (or the batch's exception).
+    Each submitter's future completes with its image's cached entry (or the batch's exception).
     """
 
     def __init__(
         self,
         run_batch: BatchFn,
+        cache: FeatureLRU,
         max_batch: int = 32,
         max_wait: float = 0.005,
         max_pending: int = 1024,
-        lookup: Callable[[str], Any] | None = None,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -53,7 +61,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.max_pending = max_pending
-        self.lookup = lookup
+        self.cache = cache
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -62,14 +70,16 @@ class MicroBatcher:
         self._worker = threading.Thread(target=self._work, name="deltavision-batcher", daemon=True)
         self._worker.start()
 
-    def submit(self, key: str, pixels: torch.Tensor) -> Future:
-        """A future of ``key``'s result; raises QueueFull when too many images are waiting."""
+    def cached(self, digest: str) -> Entry | None:
+        """The cached entry of ``digest`` (counted as a cache hit or miss), or None."""
+        return self.cache.get(digest)
+
+    def submit(self, digest: str, pixels: torch.Tensor) -> Future:
+        """A future of ``digest``'s entry; raises QueueFull when too many images are waiting."""
         with self._lock:
-            if key in self._pending:
-                return self._pending[key]
-            # run_batch stores results before the key leaves _pending, so under this lock an
-            # image is either pending or already stored, never in between
-            stored = self.lookup(key) if self.lookup else None
+            if digest in self._pending:
+                return self._pending[digest]
+            stored = self.cache.peek(digest)
             if stored is not None:
                 done: Future = Future()
                 done.set_result(stored)
@@ -77,8 +87,8 @@ class MicroBatcher:
             if len(self._pending) >= self.max_pending:
                 raise QueueFull(f"{len(self._pending)} images are waiting")
             future: Future = Future()
-            self._pending[key] = future
-        self._queue.put(_Job(key, pixels, future))
+            self._pending[digest] = future
+        self._queue.put(_Job(digest, pixels, future))
         return future
 
     def close(self, timeout: float = 10.0) -> None:
@@ -121,14 +131,15 @@ class MicroBatcher:
     def _run(self, jobs: list[_Job]) -> None:
         results, error = [None] * len(jobs), None
         try:
-            results = self.run_batch([job.key for job in jobs], torch.stack([job.pixels for job in jobs]))
+            computed = self.run_batch([job.digest for job in jobs], torch.stack([job.pixels for job in jobs]))
+            results = [self.cache.keep(job.digest, entry) for job, entry in zip(jobs, computed)]
         except Exception as err:  # reported to every waiting request, the worker lives on
             error = err
         self.batches += 1
         self.images += len(jobs)
         with self._lock:
             for job in jobs:
-                self._pending.pop(job.key, None)
+                self._pending.pop(job.digest, None)
         for job, result in zip(jobs, results):
             if error is None:
                 job.future.set_result(result)

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterFileError, DeltaVisionError
-from ..io import refuse_overwrite
+from ...errors import AdapterFileError, DeltaVisionError
+from ...io import refuse_overwrite
 from .client import (
+    RETRY_SECONDS,
     FeatureClient,
     ImageItem,
     ServiceError,
@@ -27,12 +28,12 @@ from .client import (
     labelled_images,
     request_batches,
 )
-from .edge import CONFIG_FILE, EdgeConfig, EdgeNetwork, count_trainable, load_edge, save_edge
+from .network import CONFIG_FILE, EdgeConfig, EdgeNetwork, count_trainable, load_edge, save_edge
 from .fit import FeatureSet, FitConfig, evaluate_edge, select_k, train_edge
 from .store import MANIFEST, FeatureStore
-from .wire import DTYPES
+from ..wire import transfer_dtype
 
-SERVICE_KEYS = ("backbone", "family", "fingerprint", "image_size", "mean", "std", "feature_shape", "k_values", "num_blocks")
+SERVICE_KEYS = ("backbone", "family", "fingerprint", "image_size", "mean", "std", "feature_shape", "ks", "num_blocks")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class FitOptions:
     qkv_width: int | None = None
     heads: int = 1
     overwrite: bool = False
+    retry_seconds: float = RETRY_SECONDS
     fit: FitConfig = field(default_factory=FitConfig)
 
     @property
@@ -61,12 +63,11 @@ class FitOptions:
 
 def fit_edge(options: FitOptions) -> dict[str, Any]:
     """Train and save an edge network; returns a summary (k, scores, top-1, parameters, sizes)."""
-    if options.dtype not in DTYPES:
-        raise DeltaVisionError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    transfer_dtype(options.dtype)
     refuse_overwrite(Path(options.out) / CONFIG_FILE, options.overwrite)
     store, manifest = _offline_manifest(options) if options.offline else _fetch_dataset(options)
     service = manifest["service"]
-    ks = _requested_ks(options.k, service["k_values"])
+    ks = _requested_ks(options.k, service["ks"])
     if options.offline:
         _require_cached(store, manifest, ks, options.dtype)
     splits = _splits_reader(store, manifest, options.dtype)
@@ -109,6 +110,7 @@ def evaluate_saved_edge(
     cache: Path | None = None,
     offline: bool = False,
     batch_size: int = 64,
+    retry_seconds: float = RETRY_SECONDS,
 ) -> dict[str, Any]:
     """Top-1 of a saved edge network on a validation split (the training one by default)."""
     model = load_edge(model_dir)
@@ -116,30 +118,33 @@ def evaluate_saved_edge(
     cache_root = Path(cache or config.training.get("cache") or Path(model_dir) / "feature-cache")
     store = FeatureStore(cache_root, config.fingerprint)
     if offline:
-        manifest = store.read_manifest()
-        hashes, labels = _column(manifest["val"])
+        manifest = _checked_manifest(store)
+        _check_classes(manifest["classes"], config.classes)
+        digests, labels = _column(manifest["val"])
     else:
-        with _connected(server, token, config) as client:
+        with _connected(server, token, config, retry_seconds) as client:
             split = config.training.get("split") or {}
             images = labelled_images(data or config.training.get("data"), **split)
             _check_classes(images.classes, config.classes)
             download_features(client, store, images.val, [config.k], config.dtype, progress=True)
-            hashes, labels = [i.digest for i in images.val], [i.label for i in images.val]
-    _require_hashes(store, hashes, config.k, config.dtype)
-    features = FeatureSet(store, config.k, config.dtype, hashes, torch.tensor(labels))
+            digests, labels = [i.digest for i in images.val], [i.label for i in images.val]
+    _require_digests(store, digests, config.k, config.dtype)
+    features = FeatureSet(store, config.k, config.dtype, digests, torch.tensor(labels), (config.tokens, config.width))
     return evaluate_edge(model, features, batch_size)
 
 
-def predict_files(model_dir: Path, paths: list[Path], *, server: str, token: str | None) -> list[dict[str, Any]]:
+def predict_files(
+    model_dir: Path, paths: list[Path], *, server: str, token: str | None, retry_seconds: float = RETRY_SECONDS
+) -> list[dict[str, Any]]:
     """Class and probability for each image file, with features fetched from the service."""
     model = load_edge(model_dir)
     config = model.config
     items = image_files(paths)
     results = []
-    with _connected(server, token, config) as client:
+    with _connected(server, token, config, retry_seconds) as client:
         limits = client.info()["limits"]
         start = 0
-        for batch in request_batches(items, limits["max_images"], limits["max_body_bytes"]):
+        for batch in request_batches(items, limits):
             payload = client.features(batch, [config.k], config.dtype)
             with torch.no_grad():
                 probabilities = model(payload.as_float32(config.k)).softmax(dim=1)
@@ -160,7 +165,7 @@ def _fetch_dataset(options: FitOptions) -> tuple[FeatureStore, dict[str, Any]]:
     split = {"val_fraction": options.val_fraction, "train_limit": options.train_limit,
              "val_limit": options.val_limit, "seed": options.fit.seed}  # fmt: skip
     images = labelled_images(options.data, **split)
-    with FeatureClient(options.server, options.token) as client:
+    with FeatureClient(options.server, options.token, retry_seconds=options.retry_seconds) as client:
         info = client.info()
         store = FeatureStore(options.cache_root, info["fingerprint"])
         manifest = {
@@ -172,7 +177,7 @@ def _fetch_dataset(options: FitOptions) -> tuple[FeatureStore, dict[str, Any]]:
             "service": {key: info[key] for key in SERVICE_KEYS},
         }
         store.write_manifest(manifest)
-        ks = _requested_ks(options.k, info["k_values"])
+        ks = _requested_ks(options.k, info["ks"])
         download_features(client, store, images.train + images.val, ks, options.dtype, progress=options.fit.progress)
     return store, manifest
 
@@ -188,7 +193,39 @@ def _offline_manifest(options: FitOptions) -> tuple[FeatureStore, dict[str, Any]
             "pointing at a cache with one"
         )
     store = FeatureStore(options.cache_root, manifests[0].parent.name)
-    return store, store.read_manifest()
+    return store, _checked_manifest(store)
+
+
+def _checked_manifest(store: FeatureStore) -> dict[str, Any]:
+    """The cache's manifest, refused (AdapterFileError) unless its classes, splits and labels make sense."""
+    manifest = store.read_manifest()
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise AdapterFileError(f"the feature cache manifest {store.folder / MANIFEST} is damaged: {problem}")
+    return manifest
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a manifest, or None."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("classes"), list) or not manifest["classes"]:
+        return "no list of classes"
+    classes = len(manifest["classes"])
+    for split in ("train", "val"):
+        rows = manifest.get(split)
+        if not isinstance(rows, list) or not rows:
+            return f"no {split} images"
+        for row in rows:
+            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str)):
+                return f"a {split} entry {str(row)[:60]} is not [digest, label]"
+            if not (isinstance(row[1], int) and not isinstance(row[1], bool) and 0 <= row[1] < classes):
+                return f"a {split} image has label {row[1]!r}, not one of 0..{classes - 1}"
+    service = manifest.get("service")
+    if not isinstance(service, dict) or not all(key in service for key in SERVICE_KEYS):
+        return "no record of the service that computed the features"
+    shape = service["feature_shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
+        return f"feature shape {shape!r} is not [tokens, width]"
+    return None
 
 
 def _requested_ks(k: str, available: list[int]) -> list[int]:
@@ -212,13 +249,14 @@ def _column(pairs: list[list]) -> tuple[list[str], list[int]]:
 
 
 def _splits_reader(store: FeatureStore, manifest: dict[str, Any], dtype: str):
-    train_hashes, train_labels = _column(manifest["train"])
-    val_hashes, val_labels = _column(manifest["val"])
+    train_digests, train_labels = _column(manifest["train"])
+    val_digests, val_labels = _column(manifest["val"])
+    shape = tuple(manifest["service"]["feature_shape"])
 
     def splits(k: int) -> tuple[FeatureSet, FeatureSet]:
         return (
-            FeatureSet(store, k, dtype, train_hashes, torch.tensor(train_labels)),
-            FeatureSet(store, k, dtype, val_hashes, torch.tensor(val_labels)),
+            FeatureSet(store, k, dtype, train_digests, torch.tensor(train_labels), shape),
+            FeatureSet(store, k, dtype, val_digests, torch.tensor(val_labels), shape),
         )
 
     return splits
@@ -239,13 +277,20 @@ def _model_factory(service: dict[str, Any], classes: list[str], options: FitOpti
 
 
 def _require_cached(store: FeatureStore, manifest: dict[str, Any], ks: list[int], dtype: str) -> None:
-    hashes = _column(manifest["train"])[0] + _column(manifest["val"])[0]
+    digests = _column(manifest["train"])[0] + _column(manifest["val"])[0]
     for k in ks:
-        _require_hashes(store, hashes, k, dtype)
+        _require_digests(store, digests, k, dtype)
 
 
-def _require_hashes(store: FeatureStore, hashes: list[str], k: int, dtype: str) -> None:
-    absent = store.missing(hashes, [k], dtype)
+def _require_digests(store: FeatureStore, digests: list[str], k: int, dtype: str) -> None:
+    absent = store.missing(digests, [k], dtype)
+    damaged = store.damaged(k, dtype)
+    if absent and damaged:
+        names = ", ".join(path.name for path in damaged[:3]) + (" ..." if len(damaged) > 3 else "")
+        raise AdapterFileError(
+            f"{len(damaged)} shard(s) of the feature cache {store.folder} fail their checksum ({names}); "
+            "run without --offline to fetch their features again"
+        )
     if absent:
         raise AdapterFileError(
             f"the feature cache {store.folder} lacks k={k} {dtype} features of {len(absent)} image(s); "
@@ -261,10 +306,10 @@ def _check_classes(found: list[str], expected: list[str]) -> None:
 class _connected:
     """A FeatureClient checked to serve the feature space ``config`` was trained on."""
 
-    def __init__(self, server: str | None, token: str | None, config: EdgeConfig):
+    def __init__(self, server: str | None, token: str | None, config: EdgeConfig, retry_seconds: float = RETRY_SECONDS):
         if not server:
             raise DeltaVisionError("pass --server URL (or --offline to use the feature cache)")
-        self.client = FeatureClient(server, token)
+        self.client = FeatureClient(server, token, retry_seconds=retry_seconds)
         self.config = config
 
     def __enter__(self) -> FeatureClient:

@@ -4,29 +4,53 @@ A response holds, for every k asked for, ``features.k<k>`` of shape (B, T, C) in
 the transfer dtype; with int8 also ``scale.k<k>`` of shape (B,) float32, one
 symmetric scale per image (x ~= q * scale). Metadata (strings) name the k
 values, the dtype, the backbone, the service fingerprint and, as a JSON list,
-the sha256 of each image's bytes in request order.
+the digest (sha256 of the encoded bytes) of each image in request order.
 
-Only torch, safetensors and the standard library are used here: the edge
-imports this module.
+Payloads are serialised here, not by ``safetensors.torch.save``: that one
+writes its header from a hash map, so the same tensors came out as different
+bytes from call to call. :func:`serialise` sorts tensor names and metadata keys,
+so identical answers are identical bytes; any safetensors reader loads them.
+
+:func:`transfer_dtype` is the one check of a transfer dtype name. Only torch,
+safetensors and the standard library are used here: the edge imports this module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-FORMAT = "deltavision-mist-features/1"
+from ..errors import DeltaVisionError
+
+FORMAT = "deltavision-mist-features/2"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 INT8_LEVELS = 127
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.int8: "I8"}
 
 
 class PayloadError(ValueError):
     """Bytes that are not a feature payload of this format."""
+
+
+class UnknownDtypeError(DeltaVisionError, ValueError):
+    """A transfer dtype that is none of :data:`DTYPES`."""
+
+
+def digest(data: bytes) -> str:
+    """An image's identity on both sides of the wire: the sha256 of its encoded bytes (hex)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def transfer_dtype(name: str) -> torch.dtype:
+    """The torch dtype of transfer dtype ``name``; UnknownDtypeError for any other name."""
+    if name not in DTYPES:
+        raise UnknownDtypeError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def quantize_int8(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,12 +71,11 @@ def to_float32(stored: torch.Tensor, scale: torch.Tensor | None = None) -> torch
 
 def encode_for_transfer(features: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     """``{"features": ..., ["scale": ...]}`` of float32 (B, T, C) ``features`` in transfer ``dtype``."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    target = transfer_dtype(dtype)
     if dtype == "int8":
         quantized, scale = quantize_int8(features)
         return {"features": quantized, "scale": scale}
-    return {"features": features.to(DTYPES[dtype])}
+    return {"features": features.to(target)}
 
 
 @dataclass
@@ -60,7 +83,7 @@ class FeaturePayload:
     """Decoded payload: per-k stored tensors (and int8 scales), in request order."""
 
     dtype: str
-    hashes: list[str]
+    digests: list[str]
     features: dict[int, torch.Tensor]
     scales: dict[int, torch.Tensor]
     metadata: dict[str, str]
@@ -73,20 +96,39 @@ class FeaturePayload:
         return to_float32(self.features[k], self.scales.get(k))
 
 
-def pack(gathered: dict[int, torch.Tensor], dtype: str, hashes: list[str], metadata: dict[str, str]) -> bytes:
+def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Safetensors bytes with a deterministic header: names and metadata keys sorted, no whitespace."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def pack(gathered: dict[int, torch.Tensor], dtype: str, digests: list[str], metadata: dict[str, str]) -> bytes:
     """Safetensors bytes for ``{k: float32 (B, T, C)}`` in transfer ``dtype``."""
     tensors = {}
     for k, features in gathered.items():
         for name, tensor in encode_for_transfer(features, dtype).items():
-            tensors[f"{name}.k{k}"] = tensor.contiguous()
+            tensors[f"{name}.k{k}"] = tensor
     header = {
         **metadata,
         "format": FORMAT,
         "dtype": dtype,
         "ks": ",".join(str(k) for k in sorted(gathered)),
-        "hashes": json.dumps(hashes),
+        "digests": json.dumps(digests),
     }
-    return save_safetensors(tensors, metadata=header)
+    return serialise(tensors, header)
 
 
 def unpack(data: bytes) -> FeaturePayload:
@@ -94,14 +136,17 @@ def unpack(data: bytes) -> FeaturePayload:
     try:
         tensors = load_safetensors(data)
         metadata = _read_metadata(data)
-    except (SafetensorError, ValueError, KeyError, json.JSONDecodeError) as err:
+        if metadata.get("format") != FORMAT or metadata.get("dtype") not in DTYPES:
+            raise PayloadError(f"unexpected payload format {metadata.get('format')!r}")
+        ks = [int(k) for k in metadata["ks"].split(",")]
+        features = {k: tensors[f"features.k{k}"] for k in ks}
+        digests = json.loads(metadata["digests"])
+    except PayloadError:
+        raise
+    except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
         raise PayloadError(f"not a feature payload ({err})") from err
-    if metadata.get("format") != FORMAT or metadata.get("dtype") not in DTYPES:
-        raise PayloadError(f"unexpected payload format {metadata.get('format')!r}")
-    ks = [int(k) for k in metadata["ks"].split(",")]
-    features = {k: tensors[f"features.k{k}"] for k in ks}
     scales = {k: tensors[f"scale.k{k}"] for k in ks if f"scale.k{k}" in tensors}
-    return FeaturePayload(metadata["dtype"], json.loads(metadata["hashes"]), features, scales, metadata)
+    return FeaturePayload(metadata["dtype"], digests, features, scales, metadata)
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..anatomy import Anatomy, describe, get_family
-from ..anatomy.layout import to_tokens
-from ..errors import IncompatibleMethodError
+from ...anatomy import Anatomy, describe, get_family
+from ...anatomy.layout import to_tokens
+from ...errors import IncompatibleMethodError
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,7 +86,7 @@ class Step:
 SPANS = ("all", "last_stage")
 
 
-class Gatherer:
+class Gather:
     """Runs a timm backbone once per batch and returns Gather_k for several k (running sums).
 
     The model is put in eval mode; no gradient is ever taken. ``span``: "all" or "last_stage"

@@ -1,7 +1,7 @@
 """The edge's side of the wire: ask the service for Gather_k and keep the answers.
 
 Images are sent as their encoded bytes (files as they are on disk, bundled
-arrays as PNG) and identified by the sha256 of those bytes, the same key the
+arrays as PNG) and identified by their digest (sha256 of those bytes), the key the
 service caches under. :func:`download_features` sends each image at most once
 across runs: whatever the local :class:`~.store.FeatureStore` already holds is
 never requested again.
@@ -9,7 +9,6 @@ never requested again.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from collections.abc import Callable, Sequence
@@ -21,11 +20,13 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import DataError, DeltaVisionError
+from ...errors import DataError, DeltaVisionError
 from .store import FeatureStore
-from .wire import FeaturePayload, PayloadError, unpack
+from ..wire import FeaturePayload, PayloadError, digest, unpack
 
 RETRY_STATUSES = {429, 502, 503, 504}
+RETRY_SECONDS = 60.0
+FIRST_DELAY, LONGEST_DELAY = 0.25, 8.0
 
 
 class ServiceError(DeltaVisionError):
@@ -34,7 +35,7 @@ class ServiceError(DeltaVisionError):
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One labelled image: the sha256 of its encoded bytes and how to get those bytes again."""
+    """One labelled image: the digest of its encoded bytes and how to get those bytes again."""
 
     digest: str
     label: int
@@ -53,13 +54,30 @@ class LabelledImages:
 
 
 class FeatureClient:
-    """HTTP client of the feature service, with bounded retries when it is busy or unreachable."""
+    """HTTP client of the feature service that rides out a busy or restarting service.
 
-    def __init__(self, url: str, token: str | None, timeout: float = 300.0, retries: int = 4):
+    A request that cannot connect or gets 429/502/503/504 is sent again after
+    0.25 s, 0.5 s, 1 s, ... (at most 8 s apart) until ``retry_seconds`` have
+    passed since its first attempt; only then is it a ServiceError. The default
+    minute outlasts a service restart (loading a backbone takes seconds).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        timeout: float = 300.0,
+        retry_seconds: float = RETRY_SECONDS,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
-        self.retries = retries
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.retry_seconds = float(retry_seconds)
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._sleep, self._clock = sleep, clock
         self._info: dict[str, Any] | None = None
 
     def close(self) -> None:
@@ -77,7 +95,7 @@ class FeatureClient:
         return self._info
 
     def features(self, images: Sequence[bytes], ks: Sequence[int], dtype: str) -> FeaturePayload:
-        """Gather_k of ``images`` for every k in ``ks``, checked against the images' hashes."""
+        """Gather_k of ``images`` for every k in ``ks``, checked against the images' digests."""
         files = [("images", (f"{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
         params = {"k": ",".join(str(k) for k in ks), "dtype": dtype}
         response = self._request("POST", "/v1/features", params=params, files=files)
@@ -85,23 +103,35 @@ class FeatureClient:
             payload = unpack(response.content)
         except PayloadError as err:
             raise ServiceError(f"{self.url} sent an unreadable feature payload ({err})") from err
-        expected = [hashlib.sha256(data).hexdigest() for data in images]
-        if payload.hashes != expected or set(payload.ks) != set(ks):
+        expected = [digest(data) for data in images]
+        if payload.digests != expected or set(payload.ks) != set(ks):
             raise ServiceError(f"{self.url} answered for other images or k values than asked")
         return payload
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        for attempt in range(self.retries + 1):
+        deadline = self._clock() + self.retry_seconds
+        for delay in backoff_delays():
             try:
                 response = self.http.request(method, path, **kwargs)
             except httpx.TransportError as err:
-                if attempt == self.retries:
-                    raise ServiceError(f"cannot reach the feature service at {self.url} ({type(err).__name__})") from err
+                if self._clock() + delay > deadline:
+                    raise ServiceError(
+                        f"cannot reach the feature service at {self.url} ({type(err).__name__}) "
+                        f"after retrying for {self.retry_seconds:g} s (--retry-seconds)"
+                    ) from err
             else:
-                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                if response.status_code not in RETRY_STATUSES or self._clock() + delay > deadline:
                     return _checked(response, self.url)
-            time.sleep(min(8.0, 0.25 * 2**attempt))
+            self._sleep(delay)
         raise AssertionError("unreachable")
+
+
+def backoff_delays():
+    """0.25, 0.5, 1, 2, 4, 8, 8, ... seconds: the waits between attempts of one request."""
+    delay = FIRST_DELAY
+    while True:
+        yield delay
+        delay = min(LONGEST_DELAY, delay * 2)
 
 
 def _checked(response: httpx.Response, url: str) -> httpx.Response:
@@ -129,7 +159,7 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 def image_item(label: int, path: Path | None = None, encoded: bytes | None = None) -> ImageItem:
     data = encoded if encoded is not None else Path(path).read_bytes()
-    return ImageItem(hashlib.sha256(data).hexdigest(), int(label), path, encoded)
+    return ImageItem(digest(data), int(label), path, encoded)
 
 
 def _items_of(dataset) -> list[ImageItem]:
@@ -148,7 +178,7 @@ def labelled_images(
     seed: int = 0,
 ) -> LabelledImages:
     """Train/val images of a folder or bundled dataset, split exactly as :func:`build_datasets` splits."""
-    from ..data import build_datasets
+    from ...data import build_datasets
 
     splits = build_datasets(
         data, image_size=1, mean=0.0, std=1.0, val_fraction=val_fraction,
@@ -184,15 +214,17 @@ def download_features(
     Each batch becomes one shard per k as soon as it arrives, so an interruption
     loses at most the batch in flight. ``on_shard(batches_done)`` runs after each.
     """
+    for k in ks:
+        store.discard_damaged(k, dtype)  # their images are missing now, so fetched again
     missing = set(store.missing([item.digest for item in items], ks, dtype))
     todo = list({item.digest: item for item in items if item.digest in missing}.values())
-    limits = client.info()["limits"]
-    max_images = max(1, min(batch_size or limits["max_images"], limits["max_images"]))
+    limits = dict(client.info()["limits"])
+    limits["max_images"] = max(1, min(batch_size or limits["max_images"], limits["max_images"]))
     bar = tqdm(total=len(todo), desc=f"features k={','.join(map(str, ks))} {dtype}", unit="img", disable=not progress)
-    for done, batch in enumerate(request_batches(todo, max_images, limits["max_body_bytes"]), start=1):
+    for done, batch in enumerate(request_batches(todo, limits), start=1):
         payload = client.features(batch, ks, dtype)
         for k in ks:
-            store.write_shard(k, dtype, payload.hashes, payload.features[k], payload.scales.get(k))
+            store.write_shard(k, dtype, payload.digests, payload.features[k], payload.scales.get(k))
         bar.update(len(batch))
         if on_shard is not None:
             on_shard(done)
@@ -200,18 +232,36 @@ def download_features(
     return len(todo)
 
 
-def request_batches(items: Sequence[ImageItem], max_images: int, max_bytes: int):
-    """Encoded images in request-sized batches: at most ``max_images``, and under the body limit
-    with room for the multipart framing (an image too big on its own travels alone)."""
-    budget = int(max_bytes * 0.9) - 4096
+def request_batches(items: Sequence[ImageItem], limits: dict[str, Any]):
+    """Encoded images in request-sized batches under the service's ``limits``: at most
+    ``max_images``, under the body limit with room for the multipart framing, and holding at most
+    ``max_request_pixels`` (an image too big on its own travels alone)."""
+    max_images = max(1, int(limits["max_images"]))
+    budget = int(limits["max_body_bytes"] * 0.9) - 4096
+    max_pixels = limits.get("max_request_pixels")  # absent from services before it existed
     batch: list[bytes] = []
-    size = 0
+    size = pixels = 0
     for item in items:
         data = item.read()
-        if batch and (len(batch) == max_images or size + len(data) > budget):
+        area = image_pixels(data) if max_pixels else 0
+        full = len(batch) == max_images or size + len(data) > budget or (max_pixels and pixels + area > max_pixels)
+        if batch and full:
             yield batch
-            batch, size = [], 0
+            batch, size, pixels = [], 0, 0
         batch.append(data)
         size += len(data)
+        pixels += area
     if batch:
         yield batch
+
+
+def image_pixels(data: bytes) -> int:
+    """Width x height from an image's header (0 if unreadable: the service will say why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # undecodable bytes are reported by the service, with the image's name
+        return 0
+    return width * height

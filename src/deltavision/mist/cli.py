@@ -1,5 +1,7 @@
 """Command line of separated tuning: ``deltavision serve`` and ``deltavision edge fit|eval|predict``.
 
+``python -m deltavision.mist serve|edge ...`` runs the same commands without the rest of the CLI.
+
 Only typer and rich are imported here; each command imports what it needs when
 it runs, so the edge commands never load timm.
 """
@@ -19,21 +21,16 @@ console = Console()
 TOKEN_HELP = "Bearer token shared by service and clients [env: DELTAVISION_TOKEN]."
 SERVER_HELP = "Feature service URL, e.g. http://127.0.0.1:8765."
 THREADS_HELP = "Torch threads; the edge network is small, and one thread avoids OpenMP contention on shared CPUs."
+RETRY_HELP = "How long to keep retrying an unreachable or busy service (exponential backoff) before giving up."
 DATA_HELP = "An image folder (train/ and val/, or class folders to split) or fashion-mnist, mnist5k, digits."
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 edge_app = typer.Typer(
     help="Train and use a MIST edge network on features from a `deltavision serve` service; no backbone needed.",
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-def _literal(text: str):
-    """A backbone option value: a Python literal (32, 0.1, (1, 2), True) or else the string itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 LOW_MEMORY_HELP = "Return freed tensor memory to the system at once (lower peak RSS, slower steps)."
@@ -56,6 +53,7 @@ def _edge_process(threads: int, low_memory: bool) -> None:
 
 
 def _backbone_options(pairs: Optional[List[str]]) -> dict:
+    """``--backbone-opt key=value`` pairs as timm keyword arguments (the one place they are parsed)."""
     from ..errors import MethodOptionError
 
     options = {}
@@ -63,7 +61,10 @@ def _backbone_options(pairs: Optional[List[str]]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise MethodOptionError(f"backbone option {pair!r} should look like key=value")
-        options[key.strip()] = _literal(value.strip())
+        try:  # a Python literal (32, 0.1, (1, 2), True), else the string itself
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
     return options
 
 
@@ -71,43 +72,102 @@ def serve_command(
     backbone: str = typer.Option(..., help="timm model name, e.g. vit_base_patch16_224 or tf_efficientnet_lite0."),
     checkpoint: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors/.pth) instead of the hub."),
     pretrained: bool = typer.Option(True, help="Pretrained weights (hub, embedded default, or --checkpoint)."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (anything but loopback should use TLS)."),
     port: int = typer.Option(8765, min=1, max=65535),
-    token: Optional[str] = typer.Option(None, envvar="DELTAVISION_TOKEN", help=TOKEN_HELP),
+    token: Optional[str] = typer.Option(
+        None, envvar="DELTAVISION_TOKEN", help=TOKEN_HELP + " At least 16 characters; generated and printed if absent."
+    ),
+    ssl_keyfile: Optional[Path] = typer.Option(None, help="TLS private key (PEM); serve HTTPS with --ssl-certfile."),
+    ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate chain (PEM)."),
     image_size: Optional[int] = typer.Option(None, min=8, help="Input size [default: the backbone's]."),
     backbone_opt: Optional[List[str]] = typer.Option(None, help="timm model option key=value (repeatable)."),
     max_batch: int = typer.Option(32, min=1, help="Most images per backbone pass (micro-batching)."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="Longest wait for a batch to fill."),
-    cache_mb: int = typer.Option(512, min=0, help="Feature cache size (LRU by image content hash)."),
+    cache_mb: int = typer.Option(512, min=0, help="Feature cache size (LRU by image digest)."),
     max_body_mb: float = typer.Option(32.0, min=0.01, help="Largest accepted request body."),
     max_images: int = typer.Option(64, min=1, help="Most images per request."),
     max_pixels: int = typer.Option(4096 * 4096, min=1, help="Largest accepted image (width x height)."),
+    max_request_mpixels: float = typer.Option(64.0, min=0.001, help="Most decoded megapixels (2^20) per request."),
+    header_timeout: float = typer.Option(10.0, min=0.1, help="Seconds a client has to send request line and headers."),
+    body_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a client has to send a request body."),
+    keep_alive: float = typer.Option(5.0, min=0.1, help="Seconds an idle keep-alive connection stays open."),
     threads: Optional[int] = typer.Option(None, min=1, help="Torch threads for the backbone [default: torch's]."),
 ) -> None:
     """Serve Gather_k features of a frozen backbone over HTTP (MIST separated tuning)."""
-    import uvicorn
+    from ..memory import release_large_blocks
+    from .server.app import serve
+    from .server.service import MIB, ServiceConfig, build_service, check_token
 
-    from .service import MIB, ServiceConfig, build_service, create_app
-
+    token = _service_token(token)
+    check_token(token)
+    tls = _tls_files(ssl_keyfile, ssl_certfile)
     _set_threads(threads)
+    release_large_blocks()  # decoded images go back to the system when freed
     config = ServiceConfig(
-        token=token or "", max_batch=max_batch, max_wait_ms=max_wait_ms, cache_bytes=cache_mb * MIB,
+        token=token, max_batch=max_batch, max_wait_ms=max_wait_ms, cache_bytes=cache_mb * MIB,
         max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_pixels=max_pixels,
+        max_request_pixels=int(max_request_mpixels * 2**20), body_timeout=body_timeout,
     )  # fmt: skip
     service = build_service(
         backbone, config, checkpoint=checkpoint, pretrained=pretrained, image_size=image_size,
         backbone_options=_backbone_options(backbone_opt) or None,
     )  # fmt: skip
     info = service.info()
+    scheme = "https" if tls else "http"
     console.print(
-        f"serving {backbone} on http://{host}:{port}: Gather_k over {info['num_blocks']} blocks, "
-        f"k in {info['k_values']}, {info['feature_shape'][0]} x {info['feature_shape'][1]} per image",
+        f"serving {backbone} on {scheme}://{host}:{port}: Gather_k over {info['num_blocks']} blocks, "
+        f"k in {info['ks']}, {info['feature_shape'][0]} x {info['feature_shape'][1]} per image",
         highlight=False,
     )
+    if not tls and not _is_loopback(host):
+        console.print(
+            f"[yellow]warning:[/] {host} is reachable from other machines and the token and images travel "
+            "unencrypted; pass --ssl-keyfile and --ssl-certfile",
+            highlight=False,
+        )
     try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+        serve(
+            service, host, port, header_timeout=header_timeout, keep_alive_timeout=keep_alive,
+            ssl_keyfile=tls[0] if tls else None, ssl_certfile=tls[1] if tls else None,
+        )  # fmt: skip
     finally:
         service.close()
+
+
+def _service_token(token: Optional[str]) -> str:
+    """The given token, or a fresh random one printed for the clients."""
+    if token:
+        return token
+    import secrets
+
+    token = secrets.token_urlsafe(24)
+    console.print(f"no --token given; clients must send this one: {token}", highlight=False, soft_wrap=True)
+    return token
+
+
+def _tls_files(keyfile: Optional[Path], certfile: Optional[Path]) -> Optional[tuple[str, str]]:
+    """(key, certificate) paths when both are given; None when neither is."""
+    from ..errors import DeltaVisionError
+
+    if keyfile is None and certfile is None:
+        return None
+    if keyfile is None or certfile is None:
+        raise DeltaVisionError("TLS needs both --ssl-keyfile and --ssl-certfile")
+    for path in (keyfile, certfile):
+        if not Path(path).is_file():
+            raise DeltaVisionError(f"no such TLS file: {path}")
+    return str(keyfile), str(certfile)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @edge_app.command("fit")
@@ -120,6 +180,7 @@ def edge_fit(
     dtype: str = typer.Option("float16", help="Transfer dtype: float32, float16 or int8."),
     cache: Optional[Path] = typer.Option(None, help="Local feature cache [default: OUT/feature-cache]."),
     offline: bool = typer.Option(False, help="Train from the feature cache alone (its recorded dataset); no service."),
+    retry_seconds: float = typer.Option(60.0, min=0.0, help=RETRY_HELP),
     epochs: int = typer.Option(10, min=1),
     select_epochs: int = typer.Option(3, min=1, help="Epochs per candidate when --k auto."),
     batch_size: int = typer.Option(32, min=1),
@@ -128,7 +189,7 @@ def edge_fit(
     warmup_epochs: float = typer.Option(1.0, min=0.0),
     label_smoothing: float = typer.Option(0.1, min=0.0, max=0.99),
     blocks: int = typer.Option(4, min=0, help="LAE blocks."),
-    qkv_width: Optional[int] = typer.Option(None, min=1, help="Query/key/value width [default: max(8, C // 48)]."),
+    qkv_width: Optional[int] = typer.Option(None, min=1, help="Query/key/value width [default: max(8, C // 48), 16 at C = 768 as the paper says; 30 reproduces its Table 4 parameter count]."),
     heads: int = typer.Option(1, min=1),
     val_fraction: float = typer.Option(0.2, help="Share of each class held out when the data has no val split."),
     train_limit: Optional[int] = typer.Option(None, min=1),
@@ -139,14 +200,14 @@ def edge_fit(
     low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
 ) -> None:
     """Fetch each image's features once, choose k, train the low-rank attention edge network, save it."""
-    from .fit import FitConfig
-    from .tasks import FitOptions, fit_edge
+    from .edge.fit import FitConfig
+    from .edge.commands import FitOptions, fit_edge
 
     _edge_process(threads, low_memory)
     options = FitOptions(
         out=out, server=server, token=token, data=data, cache=cache, k=k, dtype=dtype, offline=offline,
         val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit, num_blocks=blocks,
-        qkv_width=qkv_width, heads=heads, overwrite=overwrite,
+        qkv_width=qkv_width, heads=heads, overwrite=overwrite, retry_seconds=retry_seconds,
         fit=FitConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
             label_smoothing=label_smoothing, select_epochs=select_epochs, seed=seed,
@@ -171,15 +232,18 @@ def edge_eval(
     data: Optional[str] = typer.Option(None, help=DATA_HELP + " [default: the training data]"),
     cache: Optional[Path] = typer.Option(None, help="Local feature cache [default: the one used by fit]."),
     offline: bool = typer.Option(False, help="Evaluate on the cached validation split; no service."),
+    retry_seconds: float = typer.Option(60.0, min=0.0, help=RETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int = typer.Option(1, min=1, help=THREADS_HELP),
     low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
 ) -> None:
     """Top-1 of an edge network on a validation split."""
-    from .tasks import evaluate_saved_edge
+    from .edge.commands import evaluate_saved_edge
 
     _edge_process(threads, low_memory)
-    metrics = evaluate_saved_edge(model, server=server, token=token, data=data, cache=cache, offline=offline)
+    metrics = evaluate_saved_edge(
+        model, server=server, token=token, data=data, cache=cache, offline=offline, retry_seconds=retry_seconds
+    )
     if as_json:
         print(json.dumps(metrics))
     else:
@@ -192,16 +256,34 @@ def edge_predict(
     images: List[Path] = typer.Argument(..., help="Image files to classify."),
     server: str = typer.Option(..., help=SERVER_HELP),
     token: Optional[str] = typer.Option(None, envvar="DELTAVISION_TOKEN", help=TOKEN_HELP),
+    retry_seconds: float = typer.Option(60.0, min=0.0, help=RETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines only."),
     threads: int = typer.Option(1, min=1, help=THREADS_HELP),
     low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
 ) -> None:
     """Label images with an edge network, fetching their features from the service."""
-    from .tasks import predict_files
+    from .edge.commands import predict_files
 
     _edge_process(threads, low_memory)
-    for row in predict_files(model, images, server=server, token=token):
+    for row in predict_files(model, images, server=server, token=token, retry_seconds=retry_seconds):
         if as_json:
             print(json.dumps(row))
         else:
             console.print(f"{row['image']}\t{row['label']}\t{row['probability']:.3f}", highlight=False, soft_wrap=True)
+
+
+app.command("serve")(serve_command)
+app.add_typer(edge_app, name="edge")
+
+
+def main() -> None:
+    """Run the MIST commands; a DeltaVisionError becomes one line on stderr and exit status 2."""
+    import sys
+
+    from ..errors import DeltaVisionError
+
+    try:
+        app()
+    except DeltaVisionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

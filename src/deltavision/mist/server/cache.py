@@ -1,9 +1,15 @@
-"""The service's feature cache: Gather_k of recent images, keyed by the sha256 of their bytes.
+"""The service's feature cache: Gather_k of recent images, keyed by their digest (sha256 of the bytes).
 
 MIST's service is task-agnostic (Sec. 2.2): an image used by many edge tasks
 needs its features computed once. Entries hold every candidate k of one image
 in float32; the cache is bounded by the bytes those tensors take and evicts the
 least recently used image first. Safe to use from several threads.
+
+First answer wins: :meth:`FeatureLRU.keep` never replaces a stored entry, so
+while an image stays cached every request for it gets the very same tensors.
+(Float32 features of one image differ with the batch it was computed in, by up
+to ~1e-4, because matrix kernels block their sums by batch size.)
+Only :mod:`.batcher` reads and writes the cache.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ def entry_bytes(entry: Entry) -> int:
 
 
 class FeatureLRU:
-    """A bytes-bounded LRU map from image hash to ``{k: (T, C) tensor}``."""
+    """A bytes-bounded LRU map from image digest to ``{k: (T, C) tensor}``."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max(0, int(max_bytes))
@@ -34,39 +40,41 @@ class FeatureLRU:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, digest: str) -> bool:
         with self._lock:
-            return key in self._entries
+            return digest in self._entries
 
-    def get(self, key: str) -> Entry | None:
+    def get(self, digest: str) -> Entry | None:
         """The entry (now most recently used), or None; counts a hit or a miss."""
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._entries.get(digest)
             if entry is None:
                 self.misses += 1
                 return None
-            self._entries.move_to_end(key)
+            self._entries.move_to_end(digest)
             self.hits += 1
             return entry
 
-    def peek(self, key: str) -> Entry | None:
+    def peek(self, digest: str) -> Entry | None:
         """The entry or None, without counting or reordering."""
         with self._lock:
-            return self._entries.get(key)
+            return self._entries.get(digest)
 
-    def put(self, key: str, entry: Entry) -> None:
-        """Store ``entry``, evicting least recently used ones; an entry larger than the cache is not kept."""
+    def keep(self, digest: str, entry: Entry) -> Entry:
+        """The entry stored for ``digest``: the one already there, else ``entry`` (stored if it fits)."""
         size = entry_bytes(entry)
         with self._lock:
-            if key in self._entries:
-                self.bytes -= entry_bytes(self._entries.pop(key))
+            stored = self._entries.get(digest)
+            if stored is not None:
+                return stored
             if size > self.max_bytes:
-                return
+                return entry
             while self.bytes + size > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self.bytes -= entry_bytes(evicted)
-            self._entries[key] = entry
+            self._entries[digest] = entry
             self.bytes += size
+            return entry
 
     def stats(self) -> dict[str, int]:
         with self._lock:
