@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from deltavision.model.state import count_parameters
+
 import deltavision
 from deltavision.errors import AdapterFileError
 from deltavision.mist.server.cache import FeatureLRU
@@ -18,7 +20,6 @@ from deltavision.mist.edge.network import (
     EdgeNetwork,
     LAEBlock,
     block_parameters,
-    count_trainable,
     default_qkv_width,
     load_edge,
     save_edge,
@@ -193,7 +194,7 @@ def test_lru_keeps_the_first_answer_for_a_digest():
 
 @pytest.mark.parametrize("width, qkv_width, heads", [(768, 16, 1), (768, 16, 4), (768, 30, 1), (32, 8, 2), (192, 8, 1)])
 def test_lae_block_parameters_follow_the_formula(width, qkv_width, heads):
-    assert count_trainable(LAEBlock(width, qkv_width, heads)) == block_parameters(width, qkv_width)
+    assert count_parameters(LAEBlock(width, qkv_width, heads))["trainable"] == block_parameters(width, qkv_width)
 
 
 def test_lae_parameter_counts_against_the_paper():
@@ -202,7 +203,7 @@ def test_lae_parameter_counts_against_the_paper():
     assert round(4 * block_parameters(768, 30) / 1e6, 2) == 0.38 and round(8 * block_parameters(768, 30) / 1e6, 2) == 0.76
     assert round(12 * block_parameters(768, 16) / 1e6 + 769 * 49.5 / 1e6, 2) == 0.66  # LAST in MIST's Table 1
     network = EdgeNetwork(EdgeConfig(tokens=197, width=768, classes=["a", "b"], k=12))
-    assert count_trainable(network) == 4 * 51_504 + 2 * 768 + (768 * 2 + 2)
+    assert count_parameters(network)["trainable"] == 4 * 51_504 + 2 * 768 + (768 * 2 + 2)
 
 
 # --- training on stored features ------------------------------------------------------------------
@@ -276,7 +277,9 @@ NO_TIMM_SCRIPT = textwrap.dedent(
     print(json.dumps({"applied": applied, "k": summary["k"], "scores": summary["k_scores"], "shape": list(logits.shape),
                       "timm": sorted(m for m in sys.modules if m == "timm" or m.startswith("timm.")),
                       "server": sorted(m for m in sys.modules if m.startswith("deltavision.mist.server")),
-                      "model_api": "deltavision.model" in sys.modules}))
+                      "building": sorted(m for m in sys.modules if m in ("deltavision.model.build", "deltavision.methods",
+                                                                         "deltavision.backbones", "deltavision.anatomy")),
+                      "trainer": "deltavision.train.loop" in sys.modules}))
     """
 )
 
@@ -290,7 +293,8 @@ def test_edge_trains_and_predicts_offline_without_timm(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["timm"] == [] and report["model_api"] is False and report["server"] == []
+    assert report["timm"] == [] and report["building"] == [] and report["server"] == []
+    assert report["trainer"] is True  # the edge trains with the classification trainer's pieces
     assert report["k"] in (1, 2) and set(report["scores"]) == {"1", "2"}
     assert report["shape"] == [3, 2]
     assert report["applied"] is sys.platform.startswith("linux")

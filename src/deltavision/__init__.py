@@ -7,7 +7,7 @@ imported without timm.
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+from .defaults import VERSION as __version__
 
 _LAZY = {
     "DeltaVisionError": "errors",

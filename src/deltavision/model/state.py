@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from ..defaults import VERSION as __version__
 from ..errors import AdapterFileError
 from ..io import load_json, load_tensors, save_json, save_tensors
 from .modes import updates_statistics

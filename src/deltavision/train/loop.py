@@ -31,7 +31,6 @@ from ..schedule import warmup_then_cosine
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import autocast, check_precision, grad_scaler, resolve_device
 from .distributed import World, all_sum, barrier, setup
-from .plots import plot_history
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.csv"
@@ -203,6 +202,8 @@ def _save_epoch(run: _Run, out_dir: Path, result: TrainResult) -> None:
         out_dir / CHECKPOINT, run.model, run.optimizer,
         {"epoch": row["epoch"], "history": result.history, "train_seconds": result.train_seconds},
     )
+    from .plots import plot_history  # matplotlib, only where runs are written
+
     _write_log(out_dir / LOG, result.history)
     plot_history(result.history, out_dir / PLOT)
     if run.config.progress:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from ..defaults import VERSION as __version__
 from ..errors import ArtifactExistsError, DeltaVisionError
 from ..io import load_json, save_json
 from ..methods import get_method, make_config

@@ -28,7 +28,8 @@ from .client import (
     labelled_images,
     request_batches,
 )
-from .network import CONFIG_FILE, EdgeConfig, EdgeNetwork, count_trainable, load_edge, save_edge
+from ...model.state import count_parameters
+from .network import CONFIG_FILE, EdgeConfig, EdgeNetwork, load_edge, save_edge
 from .fit import FeatureSet, FitConfig, evaluate_edge, select_k, train_edge
 from .store import MANIFEST, FeatureStore
 from ..wire import transfer_dtype
@@ -84,7 +85,7 @@ def fit_edge(options: FitOptions) -> dict[str, Any]:
         "k": best,
         "k_scores": {str(k): v for k, v in k_scores.items()},
         "top1": history[-1]["top1"],
-        "trainable_parameters": count_trainable(model),
+        "trainable_parameters": count_parameters(model)["trainable"],
         "train_images": len(train),
         "val_images": len(val),
         "dtype": options.dtype,

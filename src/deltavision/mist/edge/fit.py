@@ -9,9 +9,9 @@ than saving a NaN model.
 k is chosen as the paper does: train briefly for every candidate in
 {N/4, N/2, 3N/4, N} and keep the best validation top-1 (ties go to the larger k).
 
-Like the rest of the edge side, this module never imports timm; it therefore
-has its own small schedule instead of ``deltavision.train.loop``'s (importing
-``deltavision.train`` builds backbones, which needs timm).
+Its configuration, optimizer grouping, schedule and non-finite-loss error are
+the classification trainer's (:mod:`deltavision.train.loop`, which imports no
+timm); like the rest of the edge side, this module never imports timm.
 """
 
 from __future__ import annotations
@@ -24,27 +24,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...errors import DeltaVisionError
-from ...schedule import warmup_then_cosine
+from ...errors import NonFiniteLossError
+from ...train.loop import TrainConfig, make_optimizer, make_schedule
 from .network import EdgeNetwork
 from .store import FeatureStore
 
 
-class NonFiniteLossError(DeltaVisionError):
-    """Training produced a NaN or infinite loss (damaged features or a learning rate far too high)."""
-
-
 @dataclass
-class FitConfig:
+class FitConfig(TrainConfig):
+    """The trainer's settings with the edge's defaults, plus the epochs each candidate k trains for."""
+
     epochs: int = 10
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 0.05
+    lr: float | None = 3e-3
     warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
     select_epochs: int = 3
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -73,21 +66,12 @@ class FeatureSet:
             yield features, self.labels[rows]
 
 
-def _optimizer(model: nn.Module, config: FitConfig) -> torch.optim.AdamW:
-    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    vectors = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
 def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: FeatureSet | None = None, epochs: int | None = None) -> list[dict]:
     """Train ``model`` in place; one history row per epoch (train loss, and val metrics if given)."""
     epochs = config.epochs if epochs is None else epochs
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    optimizer = _optimizer(model, config)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_then_cosine(max(1, int(config.warmup_epochs * steps_per_epoch)), epochs * steps_per_epoch)
-    )
+    optimizer = make_optimizer(model, config)
+    schedule = make_schedule(optimizer, config, steps_per_epoch, epochs)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(config.seed)
     bar = tqdm(total=epochs * steps_per_epoch, desc=f"edge k={train.k}", unit="step", disable=not config.progress)

@@ -49,6 +49,7 @@ from torch.nn import functional as F
 
 from ...errors import AdapterFileError
 from ...io import load_json, load_tensors, save_json, save_tensors
+from ...model.state import count_parameters
 
 WEIGHTS_FILE = "edge_model.safetensors"
 CONFIG_FILE = "edge_config.json"
@@ -145,15 +146,11 @@ class EdgeNetwork(nn.Module):
         return self.head(self.norm(self.blocks(features)).mean(dim=1))
 
 
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def save_edge(model: EdgeNetwork, folder: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``edge_model.safetensors`` and ``edge_config.json`` into ``folder``."""
     folder = Path(folder)
     config = model.config.to_json()
-    config["trainable_parameters"] = count_trainable(model)
+    config["trainable_parameters"] = count_parameters(model)["trainable"]
     config.update(extra or {})
     save_tensors(model.state_dict(), folder / WEIGHTS_FILE, metadata={"format": FORMAT})
     save_json(config, folder / CONFIG_FILE)
