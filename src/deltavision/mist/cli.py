@@ -8,7 +8,6 @@ it runs, so the edge commands never load timm.
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -53,19 +52,10 @@ def _edge_process(threads: int, low_memory: bool) -> None:
 
 
 def _backbone_options(pairs: Optional[List[str]]) -> dict:
-    """``--backbone-opt key=value`` pairs as timm keyword arguments (the one place they are parsed)."""
-    from ..errors import MethodOptionError
+    """``--backbone-opt key=value`` pairs, read by the one option grammar (:mod:`deltavision.options`)."""
+    from ..options import backbone_options
 
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise MethodOptionError(f"backbone option {pair!r} should look like key=value")
-        try:  # a Python literal (32, 0.1, (1, 2), True), else the string itself
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
-    return options
+    return backbone_options(pairs)
 
 
 def serve_command(
@@ -92,6 +82,8 @@ def serve_command(
     body_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a client has to send a request body."),
     keep_alive: float = typer.Option(5.0, min=0.1, help="Seconds an idle keep-alive connection stays open."),
     threads: Optional[int] = typer.Option(None, min=1, help="Torch threads for the backbone [default: torch's]."),
+    device: str = typer.Option("auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("fp32", help="Hold and run the frozen backbone in fp32, bf16 or fp16 (GPUs)."),
 ) -> None:
     """Serve Gather_k features of a frozen backbone over HTTP (MIST separated tuning)."""
     from ..memory import release_large_blocks
@@ -110,7 +102,7 @@ def serve_command(
     )  # fmt: skip
     service = build_service(
         backbone, config, checkpoint=checkpoint, pretrained=pretrained, image_size=image_size,
-        backbone_options=_backbone_options(backbone_opt) or None,
+        backbone_options=_backbone_options(backbone_opt) or None, device=device, precision=precision,
     )  # fmt: skip
     info = service.info()
     scheme = "https" if tls else "http"
@@ -198,6 +190,7 @@ def edge_fit(
     overwrite: bool = typer.Option(False, help="Replace an edge model already in --out."),
     threads: int = typer.Option(1, min=1, help=THREADS_HELP),
     low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
+    device: str = typer.Option("auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Fetch each image's features once, choose k, train the low-rank attention edge network, save it."""
     from .edge.fit import FitConfig
@@ -210,7 +203,7 @@ def edge_fit(
         qkv_width=qkv_width, heads=heads, overwrite=overwrite, retry_seconds=retry_seconds,
         fit=FitConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-            label_smoothing=label_smoothing, select_epochs=select_epochs, seed=seed,
+            label_smoothing=label_smoothing, select_epochs=select_epochs, seed=seed, device=device,
         ),
     )  # fmt: skip
     summary = fit_edge(options)

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import NonFiniteLossError
+from ...train.device import resolve_device
 from ...train.loop import TrainConfig, make_optimizer, make_schedule
 from .network import EdgeNetwork
 from .store import FeatureStore
@@ -69,6 +70,8 @@ class FeatureSet:
 def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: FeatureSet | None = None, epochs: int | None = None) -> list[dict]:
     """Train ``model`` in place; one history row per epoch (train loss, and val metrics if given)."""
     epochs = config.epochs if epochs is None else epochs
+    device = resolve_device(config.device)
+    model.to(device)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config, steps_per_epoch, epochs)
@@ -81,6 +84,7 @@ def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: Fe
             model.train()
             loss_sum = 0.0
             for step, (features, labels) in enumerate(train.batches(config.batch_size, generator), start=1):
+                features, labels = features.to(device), labels.to(device)
                 loss = criterion(model(features), labels)
                 _check_finite(loss, epoch, step, train.k, config.lr)
                 optimizer.zero_grad(set_to_none=True)
@@ -110,7 +114,9 @@ def evaluate_edge(model: EdgeNetwork, data: FeatureSet, batch_size: int = 64) ->
     """Mean cross-entropy and top-1 accuracy (percent) on ``data``."""
     model.eval()
     loss_sum, correct = 0.0, 0
+    device = next(model.parameters()).device
     for features, labels in data.batches(batch_size):
+        features, labels = features.to(device), labels.to(device)
         logits = model(features)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(dim=1) == labels).sum().item()

@@ -48,6 +48,7 @@ from torch import nn
 from ...anatomy import Anatomy, describe, get_family
 from ...anatomy.layout import to_tokens
 from ...errors import IncompatibleMethodError
+from ...train.device import check_precision, resolve_device
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -90,13 +91,16 @@ class Gather:
     """Runs a timm backbone once per batch and returns Gather_k for several k (running sums).
 
     The model is put in eval mode; no gradient is ever taken. ``span``: "all" or "last_stage"
-    (see the module docstring).
+    (see the module docstring). The backbone runs on ``device`` (default: where its weights are),
+    held in ``precision`` (fp32, bf16, or fp16 on GPUs); the features come back as float32 on the CPU.
     """
 
-    def __init__(self, model: nn.Module, span: str = "all"):
+    def __init__(self, model: nn.Module, span: str = "all", device: str | None = None, precision: str = "fp32"):
         if span not in SPANS:
             raise ValueError(f"span must be one of {', '.join(SPANS)}, got {span!r}")
-        self.model = model.eval()
+        self.device = resolve_device(device) if device else next(model.parameters()).device
+        self.dtype = check_precision(self.device, precision) or torch.float32
+        self.model = model.eval().to(device=self.device, dtype=self.dtype)  # frozen: held in the low precision
         self.anatomy = describe(model)
         self.span = span
         self.family = self.anatomy.family
@@ -124,11 +128,12 @@ class Gather:
         """``{k: Gather_k(images)}`` as (B, T, C) float tensors, from one pass that stops at max(ks)."""
         wanted = sorted(set(self.ks if ks is None else ks))
         self._check_ks(wanted)
-        return {k: to_tokens(total, self.layout).contiguous() for k, total in self._sums(images, wanted).items()}
+        sums = self._sums(images.to(self.device, self.dtype), wanted)
+        return {k: to_tokens(total, self.layout).float().cpu().contiguous() for k, total in sums.items()}
 
     def output_shape(self, image_size: int) -> GatherShape:
         """Shape of Gather_k for one ``image_size`` x ``image_size`` image (runs one blank image)."""
-        total = self._sums(torch.zeros(1, 3, image_size, image_size), [1])[1]
+        total = self._sums(torch.zeros(1, 3, image_size, image_size, device=self.device, dtype=self.dtype), [1])[1]
         grid = self._family.grid(self.model, total, (image_size, image_size))
         tokens = to_tokens(total, self.layout)
         return GatherShape(tokens.shape[1], tokens.shape[2], (int(grid.height), int(grid.width)), grid.num_prefix_tokens)

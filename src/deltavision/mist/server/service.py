@@ -128,15 +128,18 @@ class FeatureService:
         std: tuple[float, ...],
         config: ServiceConfig,
         backbone_options: dict[str, Any] | None = None,
+        device: str | None = None,
+        precision: str = "fp32",
     ):
         check_token(config.token)
         self.backbone, self.config = backbone, config
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
-        self.gather = Gather(model)
+        self.fingerprint = _fingerprint(model, backbone, backbone_options or {}, image_size, self.mean, self.std,
+                                        precision)
+        self.gather = Gather(model, device=device, precision=precision)
         self.ks = self.gather.ks
         self.shape = _probe_shape(self.gather, image_size)
         self.transform = make_transforms(image_size, self.mean, self.std, augment=False)[1]
-        self.fingerprint = _fingerprint(model, backbone, backbone_options or {}, image_size, self.mean, self.std)
         self._draft_size = (2 * image_size, 2 * image_size)
         self.counters = Counters()
         self._decoding = threading.BoundedSemaphore(config.decode_slots)  # bounds decoded-image memory
@@ -294,12 +297,14 @@ def _native_size(model: nn.Module, resolved: dict) -> int:
     return int(resolved["input_size"][-1])
 
 
-def _fingerprint(model: nn.Module, backbone: str, options: dict, image_size: int, mean, std) -> str:
-    """Identity of the feature space: same fingerprint, same features for the same image bytes."""
+def _fingerprint(model: nn.Module, backbone: str, options: dict, image_size: int, mean, std,
+                 precision: str = "fp32") -> str:
+    """Identity of the feature space: same fingerprint, same features for the same image bytes
+    (up to floating-point rounding of the device; a precision other than fp32 is another space)."""
     weights = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         weights.update(name.encode())
-        weights.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     settings = {
         "backbone": backbone,
         "options": {k: str(v) for k, v in sorted(options.items())},
@@ -310,6 +315,8 @@ def _fingerprint(model: nn.Module, backbone: str, options: dict, image_size: int
         "decode": DECODE_VERSION,
         "weights": weights.hexdigest(),
     }
+    if precision != "fp32":
+        settings["precision"] = precision
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -321,11 +328,16 @@ def build_service(
     pretrained: bool = True,
     image_size: int | None = None,
     backbone_options: dict[str, Any] | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
 ) -> FeatureService:
     """A service around a timm backbone built by :func:`deltavision.backbones.create_backbone`."""
     from timm.data import resolve_data_config
 
     from ...backbones import create_backbone
+    from ...train.device import check_precision, resolve_device
+
+    check_precision(resolve_device(device or "cpu"), precision)  # a device or precision that cannot run: fail first
 
     model = create_backbone(backbone, 0, pretrained=pretrained, checkpoint=checkpoint, options=backbone_options)
     resolved = resolve_data_config(model=model)
@@ -337,4 +349,6 @@ def build_service(
         std=tuple(resolved["std"]),
         config=config,
         backbone_options=backbone_options,
+        device=device,
+        precision=precision,
     )
