@@ -114,9 +114,9 @@ def test_a_killed_ddp_run_resumes_from_its_last_epoch(runs, digits_folder, tmp_p
     out = tmp_path / "killed"
     args = _train_args(digits_folder, out, checkpoint, batch_size=4, epochs=12)
     process = subprocess.Popen(_torchrun(*args), env=_env(), cwd=tmp_path, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "w"))
     deadline = time.monotonic() + TIMEOUT
-    while not (out / "checkpoint.safetensors").exists() and time.monotonic() < deadline and process.poll() is None:
+    while not (out / "log.csv").exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.02)
     for pid in _descendants(process.pid) + [process.pid]:  # torchrun's workers may sit in sessions of their own
         try:
@@ -125,6 +125,7 @@ def test_a_killed_ddp_run_resumes_from_its_last_epoch(runs, digits_folder, tmp_p
             pass
     process.wait(timeout=60)
     time.sleep(0.5)
+    assert (out / "log.csv").exists(), (tmp_path / "killed.log").read_text()[-3000:]
     done = len((out / "log.csv").read_text().splitlines()) - 1
     assert 1 <= done < 12, f"killed after {done} epochs"
     result = _run(_torchrun(*args, "--resume"), tmp_path)

@@ -8,6 +8,7 @@ exit with status 2; they never show a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -156,10 +157,11 @@ def train(
     if not config.data:
         raise typer.BadParameter("--data is required (unless --resume continues a run that recorded it)")
     summary = run_training(config)
-    console.print(
-        f"[bold]{method}[/] on {backbone}: top-1 {summary['top1']:.2f}%, top-5 {summary['top5']:.2f}%, "
-        f"{summary['trainable']:,} trainable parameters; adapter in {out / 'adapter'}"
-    )
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, the main process reports
+        console.print(
+            f"[bold]{config.method}[/] on {config.backbone}: top-1 {summary['top1']:.2f}%, "
+            f"top-5 {summary['top5']:.2f}%, {summary['trainable']:,} trainable parameters; adapter in {out / 'adapter'}"
+        )
 
 
 TRAIN_FLAGS = {  # CLI parameter -> (RunConfig field, inside TrainConfig)
