@@ -125,3 +125,40 @@ def test_adapter_files_have_names_of_our_own_and_old_names_still_load(tmp_path):
     x = random_images()
     assert torch.equal(fresh.eval()(x), model.eval()(x))
     assert "peft_type" not in json.loads((directory / "deltavision.json").read_text())
+
+
+FAMILY_WORDS = {"vit", "swin", "convnext", "efficientnet", "resnet"}
+FAMILY_CLASSES = {"VisionTransformer", "SwinTransformer", "ConvNeXt", "EfficientNet", "ResNet"}
+
+
+def _family_mentions_in_code(path):
+    """(line, text) of string constants naming a family and of timm family classes, docstrings aside."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if node.value.lower() in FAMILY_WORDS:
+                found.append((node.lineno, node.value))
+        elif isinstance(node, ast.Name) and node.id in FAMILY_CLASSES:
+            found.append((node.lineno, node.id))
+        elif isinstance(node, ast.Attribute) and node.attr in FAMILY_CLASSES:
+            found.append((node.lineno, node.attr))
+    return found
+
+
+def test_no_module_outside_the_families_branches_on_a_family():
+    from pathlib import Path
+
+    root = Path(deltavision.__file__).parent
+    offenders = {
+        str(path.relative_to(root)): mentions
+        for path in sorted(root.rglob("*.py"))
+        if "families" not in path.relative_to(root).parts
+        for mentions in [_family_mentions_in_code(path)] if mentions
+    }
+    assert offenders == {}
