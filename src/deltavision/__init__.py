@@ -5,9 +5,8 @@ The model API is loaded on first use, so light parts (the MIST edge side) can be
 imported without timm.
 """
 
-from importlib import import_module
-
 from .defaults import VERSION as __version__
+from .lazy import lazy_attributes
 
 _LAZY = {
     "DeltaVisionError": "errors",
@@ -23,8 +22,4 @@ _LAZY = {
 
 __all__ = [*_LAZY, "__version__"]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -20,62 +20,47 @@ from .common import NORM_TYPES, body_named_modules, get_module, unfreeze
 from .registry import register_method
 
 
+@dataclass
+class NoOptions:
+    """The options of a baseline that has none."""
+
+
 def _nothing_to_fold(model: nn.Module, anatomy) -> None:
     """These methods add no modules; the trained model is already plain."""
 
 
-@dataclass
-class FullConfig:
-    pass
-
-
 @register_method(
-    "full", FullConfig, "every weight of the backbone and the head", merge=_nothing_to_fold, default_lr=1e-3,
+    "full", NoOptions, "every weight of the backbone and the head", merge=_nothing_to_fold, default_lr=1e-3,
     batch_stats=True, structure_free=True, shares_backbone=False,
 )
-def apply_full(model: nn.Module, anatomy, config: FullConfig) -> None:
+def apply_full(model: nn.Module, anatomy, config: NoOptions) -> None:
     unfreeze(model)
 
 
-@dataclass
-class LinearConfig:
-    pass
-
-
 @register_method(
-    "linear", LinearConfig, "the classifier only (linear probing)", merge=_nothing_to_fold, structure_free=True,
+    "linear", NoOptions, "the classifier only (linear probing)", merge=_nothing_to_fold, structure_free=True,
     backprops_backbone=False,
 )
-def apply_linear(model: nn.Module, anatomy, config: LinearConfig) -> None:
+def apply_linear(model: nn.Module, anatomy, config: NoOptions) -> None:
     """Only the classifier trains; create_model unfreezes it."""
 
 
-@dataclass
-class BitFitConfig:
-    pass
-
-
 @register_method(
-    "bitfit", BitFitConfig, "every bias term (BitFit)", merge=_nothing_to_fold, structure_free=True,
+    "bitfit", NoOptions, "every bias term (BitFit)", merge=_nothing_to_fold, structure_free=True,
     shares_backbone=False,
 )
-def apply_bitfit(model: nn.Module, anatomy, config: BitFitConfig) -> None:
+def apply_bitfit(model: nn.Module, anatomy, config: NoOptions) -> None:
     for _, module in body_named_modules(model, anatomy):
         bias = getattr(module, "bias", None)
         if isinstance(bias, nn.Parameter):
             bias.requires_grad_(True)
 
 
-@dataclass
-class NormConfig:
-    pass
-
-
 @register_method(
-    "norm", NormConfig, "affine weights of every normalisation layer", merge=_nothing_to_fold, structure_free=True,
+    "norm", NoOptions, "affine weights of every normalisation layer", merge=_nothing_to_fold, structure_free=True,
     shares_backbone=False,
 )
-def apply_norm(model: nn.Module, anatomy, config: NormConfig) -> None:
+def apply_norm(model: nn.Module, anatomy, config: NoOptions) -> None:
     for _, module in body_named_modules(model, anatomy):
         if isinstance(module, NORM_TYPES):
             unfreeze(module)

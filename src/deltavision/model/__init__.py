@@ -5,7 +5,7 @@ side can use them; only :mod:`.build` (and rebuilding a model from an adapter)
 needs timm.
 """
 
-from importlib import import_module
+from ..lazy import lazy_attributes
 
 _HOMES = {
     "create_model": "build",
@@ -25,8 +25,4 @@ _HOMES = {
 
 __all__ = list(_HOMES)
 
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        return getattr(import_module(f".{_HOMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _HOMES)

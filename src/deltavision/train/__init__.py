@@ -4,7 +4,7 @@
 builds backbones. Both are loaded on first use.
 """
 
-from importlib import import_module
+from ..lazy import lazy_attributes
 
 _HOMES = {
     "TrainConfig": "loop",
@@ -18,8 +18,4 @@ _HOMES = {
 
 __all__ = list(_HOMES)
 
-
-def __getattr__(name: str):
-    if name in _HOMES:
-        return getattr(import_module(f".{_HOMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _HOMES)
