@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
@@ -211,7 +212,21 @@ app.command("serve")(serve_command)
 app.add_typer(edge_app, name="edge")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one ``warning:`` line; others as Python shows them."""
+    from .errors import NewerVersionWarning
+
+    if issubclass(category, NewerVersionWarning):
+        err_console.print(f"warning: {message}", highlight=False, soft_wrap=True, markup=False)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         app()
     except DeltaVisionError as err:

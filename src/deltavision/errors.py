@@ -40,3 +40,11 @@ class DataError(DeltaVisionError):
 
 class ArtifactExistsError(DeltaVisionError):
     """Refusing to overwrite an existing output."""
+
+
+class NonFiniteLossError(DeltaVisionError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+class NewerVersionWarning(UserWarning):
+    """A file was written by a newer deltavision than the one reading it."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from . import __version__
 from .anatomy import describe
 from .anatomy.core import family_of
 from .backbones import create_backbone
-from .errors import AdapterFileError, IncompatibleMethodError
+from .errors import AdapterFileError, IncompatibleMethodError, NewerVersionWarning
 from .io import load_json, load_tensors, save_json, save_tensors
 from .methods import get_method, make_config
 from .methods.common import get_module, unfreeze
@@ -206,12 +208,55 @@ def save_adapter(model: nn.Module, directory: str | Path, extra: dict[str, Any] 
     return directory
 
 
+CONFIG_TYPES = {
+    "backbone": str, "method": str, "num_classes": int, "options": dict, "backbone_options": (dict, type(None)),
+    "seed": int, "classes": list, "data": dict, "source": str, "deltavision_version": str,
+}
+
+
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
-    config = load_json(Path(directory) / ADAPTER_CONFIG)
+    """The adapter's JSON config, its required keys present and every known key of the right type.
+
+    A config written by a newer deltavision gives a :class:`NewerVersionWarning`.
+    """
+    path = Path(directory) / ADAPTER_CONFIG
+    config = load_json(path)
     missing = [k for k in ("backbone", "method", "num_classes") if k not in config]
     if missing:
-        raise AdapterFileError(f"{Path(directory) / ADAPTER_CONFIG} lacks {', '.join(missing)}")
+        raise AdapterFileError(f"{path} lacks {', '.join(missing)}")
+    for key, types in CONFIG_TYPES.items():
+        value = config.get(key)
+        if key in config and (not isinstance(value, types) or isinstance(value, bool)):
+            raise AdapterFileError(f"{path}: {key} should be {_type_names(types)}, not {value!r}")
+    if config["num_classes"] < 1:
+        raise AdapterFileError(f"{path}: num_classes should be at least 1, not {config['num_classes']}")
+    _warn_if_newer(config.get("deltavision_version"), path)
     return config
+
+
+def _type_names(types) -> str:
+    names = {str: "a string", int: "an integer", dict: "an object", list: "a list", type(None): "null"}
+    return " or ".join(names[t] for t in (types if isinstance(types, tuple) else (types,)))
+
+
+def _warn_if_newer(version: str | None, path: Path) -> None:
+    if version and _version_key(version) > _version_key(__version__):
+        warnings.warn(
+            f"{path} was written by deltavision {version}, newer than this {__version__}; "
+            "it may not load as intended (upgrade deltavision)",
+            NewerVersionWarning, stacklevel=3,
+        )
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """The leading numeric parts of a version string: "0.10.2rc1" -> (0, 10, 2)."""
+    parts = []
+    for part in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 def load_adapter(
@@ -241,7 +286,8 @@ def load_adapter(
         )
     else:
         _check_same_spec(spec_of(model), config, directory)
-    load_adapter_tensors(model, load_tensors(Path(directory) / ADAPTER_WEIGHTS), directory)
+    weights = Path(directory) / ADAPTER_WEIGHTS
+    load_adapter_tensors(model, load_tensors(weights), weights)
     return model
 
 
@@ -264,6 +310,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
     for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{source} holds NaN or infinite values in {name}; it cannot be used")
         if tensor.shape != expected[name].shape:
             raise AdapterFileError(
                 f"{source} does not fit this model: {name} has shape {tuple(tensor.shape)}, "

@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..errors import NonFiniteLossError
+from ..io import ensure_writable_dir
 from ..model import set_train_mode
 from ..schedule import warmup_then_cosine
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -76,7 +78,7 @@ def evaluate(model: nn.Module, loader: DataLoader, progress: bool = False) -> di
 
 def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Path, resume: bool = False) -> TrainResult:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out_dir)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
     val_loader = DataLoader(val_set, batch_size=max(64, config.batch_size))
@@ -123,8 +125,13 @@ def _train_one_epoch(model, loader, optimizer, schedule, criterion, epoch, confi
     set_train_mode(model, True)
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not config.progress)
-    for images, labels in bar:
+    for step, (images, labels) in enumerate(bar):
         loss = criterion(model(images), labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} in epoch {epoch + 1}, step {step + 1}; "
+                "stopped, keeping the checkpoint of the last finished epoch (a smaller --lr may help)"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
