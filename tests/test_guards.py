@@ -21,7 +21,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import deltavision
 from deltavision import io
-from deltavision.errors import AdapterFileError, DeltaVisionError, NewerVersionWarning, NonFiniteLossError
+from deltavision import backbones
+from deltavision.errors import (
+    AdapterFileError, DeltaVisionError, NewerVersionWarning, NonFiniteLossError, WeightsUnavailableError,
+)
 from deltavision.methods.lora import LoRALinear
 from deltavision.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 from deltavision.train import RunConfig, TrainConfig, run_training
@@ -293,3 +296,44 @@ def test_the_learning_rate_warms_up_then_follows_a_cosine(tmp_path, monkeypatch,
     assert max(used) == pytest.approx(0.02)
     logged = [float(r.split(",")[-1]) for r in (out / loop.LOG).read_text().splitlines()[1:]]
     assert logged == pytest.approx([_expected_lr(s, 0.02, warmup, total) for s in (8, 16, 24)], abs=1e-12)
+
+
+# --- missing pretrained weights ------------------------------------------------------------------
+
+
+def _forbid(what):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{what} was called")
+
+    return refuse
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection or download weights fails the test."""
+    import socket
+
+    import timm.models._builder as builder
+
+    monkeypatch.setattr(socket, "create_connection", _forbid("socket.create_connection"))
+    monkeypatch.setattr(socket, "getaddrinfo", _forbid("socket.getaddrinfo"))
+    monkeypatch.setattr(builder, "load_pretrained", _forbid("timm's load_pretrained"))
+
+
+def test_offline_missing_weights_fail_without_trying_the_network(no_network, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE is set.*--checkpoint"):
+        deltavision.create_model("vit_tiny_patch16_224", "ssf", 3)
+
+
+def test_unreachable_hub_fails_after_one_quick_probe(no_network, monkeypatch):
+    """Without HF_HUB_OFFLINE, one short connection attempt decides; timm's minute of retries never starts."""
+    from huggingface_hub import constants
+
+    probed = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(backbones, "_reachable", lambda host, timeout=3.0: probed.append(host) or False)
+    with pytest.raises(WeightsUnavailableError, match="cannot be reached.*--checkpoint"):
+        deltavision.create_model("vit_tiny_patch16_224", "ssf", 3)
+    assert len(probed) == 1
