@@ -83,6 +83,16 @@ def test_params_json_for_vit_base_ssf():
     assert {"backbone", "method", "num_classes"} <= set(counts)
 
 
+def test_params_json_for_swin_base_bitfit_counts_the_attention_bias_tables():
+    """BitFit on Swin-B trains 0.20M body parameters as in the papers' tables: 137,216 biases plus
+    63,544 relative-position bias tables (169 rows x heads, summed over 24 blocks), and the head."""
+    result = runner.invoke(
+        app, ["params", "--backbone", "swin_base_patch4_window7_224", "--method", "bitfit", "--num-classes", "100", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["trainable"] == 137_216 + 169 * (2 * 4 + 2 * 8 + 18 * 16 + 2 * 32) + 1024 * 100 + 100
+
+
 # --- fixtures for the subprocess runs ------------------------------------------------------------
 
 

@@ -52,12 +52,20 @@ class BitFitConfig:
     pass
 
 
-@register_method("bitfit", BitFitConfig, "every bias term (BitFit)", merge=_nothing_to_fold)
+# Learned biases added to attention logits (Swin, BEiT): bias terms as much as a layer's bias.
+ATTENTION_BIAS_TABLES = ("relative_position_bias_table",)
+
+
+@register_method(
+    "bitfit", BitFitConfig, "every bias term (BitFit), attention relative-position bias tables included",
+    merge=_nothing_to_fold,
+)
 def apply_bitfit(model: nn.Module, anatomy, config: BitFitConfig) -> None:
     for _, module in body_named_modules(model, anatomy):
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, nn.Parameter):
-            bias.requires_grad_(True)
+        for name in ("bias", *ATTENTION_BIAS_TABLES):
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter):
+                param.requires_grad_(True)
 
 
 @dataclass
