@@ -22,9 +22,18 @@ EMBEDDED_BACKBONE = "tf_efficientnet_lite0"
 
 def check_backbone_name(name: str) -> None:
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        close = suggest_backbones(name)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models()` lists them"
         raise UnknownBackboneError(f"unknown backbone {name!r}{hint}")
+
+
+def suggest_backbones(name: str, n: int = 3) -> list[str]:
+    """timm names close to ``name``; the embedded backbone first when it is close, since it alone
+    has weights offline."""
+    embedded = difflib.get_close_matches(name, [EMBEDDED_BACKBONE], n=1, cutoff=0.6)
+    others = [c for c in difflib.get_close_matches(name, timm.list_models(), n=n, cutoff=0.6) if c != EMBEDDED_BACKBONE]
+    shown = [f"{EMBEDDED_BACKBONE} (embedded: pretrained weights offline)" for _ in embedded]
+    return (shown + others)[:n]
 
 
 def create_backbone(

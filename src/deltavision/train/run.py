@@ -76,6 +76,8 @@ def run_training(config: RunConfig) -> dict[str, Any]:
         augment=config.augment,
         seed=config.train.seed,
     )
+    if config.train.progress:
+        print(data_line(splits, config.data), flush=True)
     torch.manual_seed(config.train.seed)  # the same seed rebuilds the same head, adapter and random backbone
     model = create_model(
         config.backbone, config.method, len(splits.classes), pretrained=config.pretrained,
@@ -93,9 +95,20 @@ def run_training(config: RunConfig) -> dict[str, Any]:
         "train_seconds": result.train_seconds,
         "peak_memory_mb": max(0, peak_rss_bytes() - rss_before) / 2**20,
         "epochs": len(result.history),
+        "train_images": len(splits.train),
+        "val_images": len(splits.val),
+        "num_classes": len(splits.classes),
         "out_dir": str(out_dir),
         "config": asdict(config),
     }
+
+
+def data_line(splits, source: str) -> str:
+    """What the data holds, e.g. "data: 1000 training / 500 validation images, 10 classes (fashion-mnist)"."""
+    return (
+        f"data: {len(splits.train)} training / {len(splits.val)} validation images, "
+        f"{len(splits.classes)} classes ({source})"
+    )
 
 
 def _data_config(config: RunConfig) -> dict[str, Any]:
