@@ -261,12 +261,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     from .errors import NewerVersionWarning
 
     if issubclass(category, NewerVersionWarning):
-        err_console.print(f"warning: {message}", highlight=False, soft_wrap=True, markup=False)
+        if str(message) not in _warned:
+            _warned.add(str(message))
+            err_console.print(f"warning: {message}", highlight=False, soft_wrap=True, markup=False)
     else:
         _python_show_warning(message, category, filename, lineno, file, line)
 
 
 _python_show_warning = warnings.showwarning
+_warned: set[str] = set()
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from timm.data import resolve_data_config
 
 from ..data import build_datasets
 from ..errors import ArtifactExistsError
-from ..io import ensure_writable_dir
 from ..methods import get_method, make_config
 from ..model import count_parameters, create_model, save_adapter
 from .loop import CHECKPOINT, TrainConfig, train
@@ -63,7 +62,6 @@ def run_training(config: RunConfig) -> dict[str, Any]:
     out_dir = Path(config.out_dir)
     _check_output_free(out_dir, config)
     make_config(get_method(config.method), config.options)  # bad method or option: fail before loading data
-    ensure_writable_dir(out_dir)
     data_cfg = _data_config(config)
     splits = build_datasets(
         config.data,
