@@ -71,6 +71,35 @@ def test_methods_lists_every_registered_method():
     assert set(METHODS) <= listed
 
 
+@pytest.mark.parametrize(
+    "command,text",
+    [
+        ("train", "AdamW learning rate [default: the method's]."),
+        ("train", "Input size [default: the backbone's]."),
+        ("compare", "Methods to compare (repeatable) [default: all]."),
+    ],
+)
+def test_help_shows_bracketed_text(command, text):
+    """Rich markup once swallowed "[default: ...]" in help texts."""
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "300"})
+    assert text in " ".join(result.output.split())
+
+
+def test_methods_shows_options_with_defaults_and_families():
+    result = runner.invoke(app, ["methods"], env={"COLUMNS": "300"})
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") >= 5}
+    assert "rank=8 alpha=8.0" in rows["lora"] and "convnext, efficientnet, resnet, swin, vit" in rows["lora"]
+    assert "num_tokens=10 deep=False" in rows["vpt"] and "│ vit " in rows["vpt"]
+    assert "any timm model" in rows["bitfit"] and "k=1" in rows["partial"]
+
+
+def test_misspelt_backbone_suggests_the_embedded_one_first():
+    from deltavision.backbones import suggest_backbones
+
+    assert suggest_backbones("efficientnet_lite00")[0].startswith("tf_efficientnet_lite0 (embedded")
+    assert "tf_efficientnet_lite0" not in " ".join(suggest_backbones("vit_base_patch16_244"))
+
+
 def test_params_json_for_vit_base_ssf():
     result = runner.invoke(
         app, ["params", "--backbone", "vit_base_patch16_224", "--method", "ssf", "--num-classes", "100", "--json"]
@@ -81,6 +110,16 @@ def test_params_json_for_vit_base_ssf():
     assert counts["total"] == 85_875_556 + 282_724 - 76_900
     assert counts["trainable_pct"] == pytest.approx(100 * 282_724 / counts["total"], abs=1e-4)
     assert {"backbone", "method", "num_classes"} <= set(counts)
+
+
+def test_params_json_for_swin_base_bitfit_counts_the_attention_bias_tables():
+    """BitFit on Swin-B trains 0.20M body parameters as in the papers' tables: 137,216 biases plus
+    63,544 relative-position bias tables (169 rows x heads, summed over 24 blocks), and the head."""
+    result = runner.invoke(
+        app, ["params", "--backbone", "swin_base_patch4_window7_224", "--method", "bitfit", "--num-classes", "100", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["trainable"] == 137_216 + 169 * (2 * 4 + 2 * 8 + 18 * 16 + 2 * 32) + 1024 * 100 + 100
 
 
 # --- fixtures for the subprocess runs ------------------------------------------------------------
@@ -114,7 +153,14 @@ def error_cases(tmp_path_factory, digits_folder, three_class_folder, corrupt_ima
     scratch = tmp_path_factory.mktemp("cli-errors")
     existing_file = scratch / "existing.safetensors"
     existing_file.write_bytes(b"keep me")
+    mistyped = tmp_path_factory.mktemp("cli") / "mistyped-adapter"
+    shutil.copytree(tiny_vit_run / "adapter", mistyped)
+    config = json.loads((mistyped / "deltavision.json").read_text())
+    (mistyped / "deltavision.json").write_text(json.dumps({**config, "seed": "abc"}))
     cases = {
+        "output folder under a file": (["train", "--data", digits_folder, "--out", existing_file / "run"],
+                                       r"cannot write to .*existing.safetensors/run: Not a directory"),
+        "adapter config of the wrong type": (["eval", mistyped], r"deltavision.json: seed should be an integer, not 'abc'"),
         "unknown backbone": (["train", "--data", digits_folder, "--backbone", "vit_nope_patch16", "--out", scratch / "a"],
                              r"unknown backbone 'vit_nope_patch16'"),
         "unknown method": (["params", "--backbone", EMBEDDED, "--method", "sff", "--num-classes", "3"],
@@ -157,6 +203,7 @@ def test_cli_train_smoke(smoke_run):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "top-1" in result.stdout
+    assert "data: 40 training / 20 validation images, 10 classes (" in result.stdout
     assert (out / "adapter" / "deltavision.safetensors").is_file()
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     config = json.loads((out / "adapter" / "deltavision.json").read_text())
@@ -248,6 +295,7 @@ def test_cli_merge_recipe_is_printed_on_one_line(merged_file):
 # --- user errors through the real entry point ----------------------------------------------------
 
 ERROR_IDS = [
+    "output folder under a file", "adapter config of the wrong type",
     "unknown backbone", "unknown method", "opt without =", "empty data folder", "corrupt image",
     "eval on data with another class count", "existing run without --overwrite", "merge to an existing file",
     "merge of a corrupt adapter", "offline hub weights",
@@ -291,10 +339,23 @@ def test_cli_run_training_and_compare_train_identically(smoke_run, digits_folder
 
     compare = CompareConfig(data=str(digits_folder), image_size=32, train_limit=40, val_limit=20, augment=True,
                             train=TrainConfig(epochs=1, batch_size=8, progress=False))
-    compared = settings_json(resolve_run(_run_config(compare, "ssf", tmp_path / "cmp")))
+    compared = settings_json(resolve_run(_run_config(compare, "ssf", 0)))
     assert same(compared) == same(cli_settings)
 
 
 def _last_log_row(out):
     header, *rows = (out / "log.csv").read_text().strip().splitlines()
     return dict(zip(header.split(","), rows[-1].split(",")))
+
+
+@pytest.mark.slow
+def test_an_adapter_from_a_newer_version_gives_one_warning_line(tiny_vit_run, tmp_path):
+    newer = tmp_path / "newer-adapter"
+    shutil.copytree(tiny_vit_run / "adapter", newer)
+    config = json.loads((newer / "deltavision.json").read_text())
+    (newer / "deltavision.json").write_text(json.dumps({**config, "deltavision_version": "99.0.0"}))
+    result = run_cli("eval", newer, "--no-pretrained")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "99.0.0" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: "), result.stderr
+    assert "Warning" not in result.stderr

@@ -77,7 +77,9 @@ def _norm_params(model):
 EXPECTED_TRAINABLE = {
     "full": lambda model, family: set(_names(model)),
     "linear": lambda model, family: _classifier(model, family),
-    "bitfit": lambda model, family: {n for n in _names(model) if n.rpartition(".")[2] == "bias"}
+    "bitfit": lambda model, family: {
+        n for n in _names(model) if n.rpartition(".")[2] in ("bias", "relative_position_bias_table")
+    }
     | _classifier(model, family),
     "norm": lambda model, family: _norm_params(model) | _classifier(model, family),
     "partial": lambda model, family: _with_prefixes(model, PARTIAL_K1[family]) | _classifier(model, family),

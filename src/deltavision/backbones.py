@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -19,9 +22,18 @@ from .defaults import EMBEDDED_BACKBONE  # noqa: F401  (re-exported)
 
 def check_backbone_name(name: str) -> None:
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        close = suggest_backbones(name)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models()` lists them"
         raise UnknownBackboneError(f"unknown backbone {name!r}{hint}")
+
+
+def suggest_backbones(name: str, n: int = 3) -> list[str]:
+    """timm names close to ``name``; the embedded backbone first when it is close, since it alone
+    has weights offline."""
+    embedded = difflib.get_close_matches(name, [EMBEDDED_BACKBONE], n=1, cutoff=0.6)
+    others = [c for c in difflib.get_close_matches(name, timm.list_models(), n=n, cutoff=0.6) if c != EMBEDDED_BACKBONE]
+    shown = [f"{EMBEDDED_BACKBONE} (embedded: pretrained weights offline)" for _ in embedded]
+    return (shown + others)[:n]
 
 
 def create_backbone(
@@ -48,14 +60,74 @@ def create_backbone(
         return _from_file(name, num_classes, embedded_weights_path(), options)
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **options)
+    reason = _why_no_download(name)
+    if reason:
+        raise WeightsUnavailableError(_no_weights_message(name, reason))
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, **options)
     except (OSError, RuntimeError, ValueError) as err:  # hub offline, no weights, HTTP errors
-        raise WeightsUnavailableError(
-            f"could not get pretrained weights for {name!r} ({type(err).__name__}: {_first_line(err)}). "
-            "With no network, download them elsewhere and pass --checkpoint FILE "
-            "(Python: checkpoint=FILE), or train from random init with --no-pretrained"
-        ) from err
+        raise WeightsUnavailableError(_no_weights_message(name, f"{type(err).__name__}: {_first_line(err)}")) from err
+
+
+def _no_weights_message(name: str, reason: str) -> str:
+    return (
+        f"could not get pretrained weights for {name!r} ({reason}). "
+        "With no network, download them elsewhere and pass --checkpoint FILE "
+        "(Python: checkpoint=FILE), or train from random init with --no-pretrained"
+    )
+
+
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _why_no_download(name: str) -> str | None:
+    """Why timm's download of ``name``'s weights would fail, found without waiting on the network.
+
+    None when the weights are in the local hub (or torch hub) cache, or the weights'
+    host answers; otherwise the reason: offline mode (``HF_HUB_OFFLINE``) or no route
+    to the host. timm itself would retry for about a minute before failing.
+    """
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or _cached_locally(cfg):
+        return None
+    if _hub_offline():
+        return "HF_HUB_OFFLINE is set and they are not in the local Hugging Face cache"
+    host = urlparse(_download_url(cfg)).hostname
+    if host and not _reachable(host):
+        return f"not in the local cache, and {host} cannot be reached"
+    return None
+
+
+def _cached_locally(cfg) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    if cfg.hf_hub_id:
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES
+        return any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str) for f in files)
+    if cfg.url:
+        return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name).is_file()
+    return True  # weights from a file or state dict named in the config: timm's own path
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return constants.HF_HUB_OFFLINE or flag in ("1", "ON", "YES", "TRUE")
+
+
+def _download_url(cfg) -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT if cfg.hf_hub_id else (cfg.url or "")
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _from_file(name: str, num_classes: int, path: Path, options: dict) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
@@ -28,6 +29,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: ...]" must show, not vanish as markup
     add_completion=False,
 )
 console = Console()
@@ -62,14 +64,36 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 @app.command()
 def methods() -> None:
-    """List the tuning methods and what each trains."""
+    """List the tuning methods: what each trains, its options (with defaults) and the backbone families it supports."""
     from .methods import get_method, list_methods
 
-    table = Table("method", "trains", "merges into backbone")
+    table = Table("method", "trains", "options", "families", "merges into backbone")
     for name in list_methods():
         spec = get_method(name)
-        table.add_row(name, spec.summary, "yes" if spec.folds else "no")
+        table.add_row(name, spec.summary, method_options_text(spec), method_families_text(spec), "yes" if spec.folds else "no")
     console.print(table)
+
+
+def method_options_text(spec) -> str:
+    """The method's options as ``key=default``, from its config dataclass ("none" if it has none)."""
+    from dataclasses import MISSING, fields
+
+    def shown(f):
+        value = f.default if f.default is not MISSING else f.default_factory()
+        if value in ((), [], None, ""):
+            return "(default)"
+        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+    return " ".join(f"{f.name}={shown(f)}" for f in fields(spec.config_cls)) or "none"
+
+
+def method_families_text(spec) -> str:
+    """The backbone families a method applies to."""
+    from .anatomy import supported_families
+
+    if spec.structure_free:
+        return "any timm model"
+    return ", ".join(f for f in supported_families() if spec.fits(f))
 
 
 @app.command()
@@ -297,36 +321,56 @@ def compare_methods(
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
     pretrained: bool = typer.Option(True),
     overwrite: bool = typer.Option(False, help="Retrain methods already finished in --out."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the first run of each method."),
+    seeds: int = typer.Option(1, min=1, help="Runs per method (seeds seed, seed+1, ...): the table shows mean and spread."),
 ) -> None:
     """The main job: fine-tune one backbone with every method; print a table and save a plot.
 
-    With no arguments: real pretrained EfficientNet-Lite0 on real Fashion-MNIST (about 10 minutes on 2 cores).
+    With no arguments: real pretrained EfficientNet-Lite0 on real Fashion-MNIST (6.5 minutes on 2 idle CPU cores; far longer when other jobs share them).
     """
-    from .compare import CompareConfig, compare, markdown_table
+    from .compare import CompareConfig, compare, noise_footer
     from .train import TrainConfig
 
     config = CompareConfig(
         backbone=backbone, data=data, methods=tuple(method or ()), out_dir=str(out), image_size=image_size,
         train_limit=train_limit, val_limit=val_limit, augment=augment, pretrained=pretrained,
-        checkpoint=str(checkpoint) if checkpoint else None, overwrite=overwrite,
+        checkpoint=str(checkpoint) if checkpoint else None, overwrite=overwrite, seeds=seeds,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed),
     )
+    rows = compare(config, on_result=_report_method, on_skip=_report_skip, on_start=_report_start)
+    console.print(comparison_table(rows, f"{backbone} on {data}"))
+    console.print(noise_footer(rows), highlight=False)
+    console.print(f"table: {out / 'compare.md'}, plot: {out / 'accuracy_vs_params.png'}", highlight=False)
 
-    def report(row):
-        console.print(f"  {row['method']}: top-1 {row['top1']:.2f}% in {row['train_seconds']:.0f}s")
 
-    def skipped(name, reason):
-        console.print(f"  {name}: skipped ({reason})")
+def _report_start(number: int, total: int, method: str, seed: int, cached: bool) -> None:
+    what = "cached from an earlier run" if cached else "training ..."
+    console.print(f"[{number}/{total}] {method} (seed {seed}): {what}", markup=False, highlight=False)
 
-    rows = compare(config, on_result=report, on_skip=skipped)
-    table = Table("method", "trainable", "trainable %", "top-1 %", "top-5 %", "train s", "peak MB",
-                  title=f"{backbone} on {data}")
+
+def _report_method(row) -> None:
+    spread = f" ± {row['top1_std']:.2f}" if row["seeds"] > 1 else ""
+    when = "cached from an earlier run" if row["cached"] else "just trained"
+    console.print(
+        f"  {row['method']}: top-1 {row['top1']:.2f}%{spread}, {row['train_seconds']:.0f}s of training ({when})",
+        markup=False, highlight=False,
+    )
+
+
+def _report_skip(name: str, reason: str) -> None:
+    console.print(f"  {name}: skipped ({reason})", markup=False, highlight=False)
+
+
+def comparison_table(rows, title: str) -> Table:
+    from .compare import mean_spread
+
+    table = Table("method", "trainable", "trainable %", "top-1 %", "top-5 %", "within noise", "train s", "peak MB",
+                  title=title)
     for r in rows:
-        table.add_row(r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.2f}", f"{r['top1']:.2f}",
-                      f"{r['top5']:.2f}", f"{r['train_seconds']:.1f}", f"{r['peak_memory_mb']:.0f}")
-    console.print(table)
-    console.print(f"table: {out / 'compare.md'}, plot: {out / 'accuracy_vs_params.png'}")
+        table.add_row(r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.2f}", mean_spread(r, "top1"),
+                      mean_spread(r, "top5"), "yes" if r["within_noise"] else "no", f"{r['train_seconds']:.1f}",
+                      f"{r['peak_memory_mb']:.0f}")
+    return table
 
 
 from .mist.cli import edge_app, serve_command  # noqa: E402
@@ -335,7 +379,24 @@ app.command("serve")(serve_command)
 app.add_typer(edge_app, name="edge")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one ``warning:`` line; others as Python shows them."""
+    from .errors import NewerVersionWarning
+
+    if issubclass(category, NewerVersionWarning):
+        if str(message) not in _warned:
+            _warned.add(str(message))
+            err_console.print(f"warning: {message}", highlight=False, soft_wrap=True, markup=False)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+_warned: set[str] = set()
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         app()
     except DeltaVisionError as err:

@@ -43,4 +43,8 @@ class ArtifactExistsError(DeltaVisionError):
 
 
 class NonFiniteLossError(DeltaVisionError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+class NewerVersionWarning(UserWarning):
+    """A file was written by a newer deltavision than the one reading it."""

@@ -61,8 +61,18 @@ def merge_saved_adapter(adapter: Path, out: Path, checkpoint, pretrained: bool, 
     config = read_adapter_config(adapter)
     plain = merge(load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint))
     save_tensors(plain.state_dict(), out, metadata={"format": "pt"})
-    options = "".join(f", {k}={v!r}" for k, v in (config.get("backbone_options") or {}).items())
+    return timm_loading_call(config["backbone"], config["num_classes"], out, config.get("backbone_options"))
+
+
+def timm_loading_call(backbone: str, num_classes: int, file, backbone_options: dict | None = None) -> str:
+    """The plain-timm call that loads a merged state dict, on one line.
+
+    ``num_classes`` goes into the overlay as well: without it timm takes the
+    pretrained config's class count, sees the head differ, and drops the trained
+    classifier for a fresh one.
+    """
+    options = "".join(f", {k}={v!r}" for k, v in (backbone_options or {}).items())
     return (
-        f"timm.create_model({config['backbone']!r}, num_classes={config['num_classes']}{options}, "
-        f"pretrained=True, pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={config['num_classes']}))"
+        f"timm.create_model({backbone!r}, num_classes={num_classes}{options}, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file={str(file)!r}, num_classes={num_classes}))"
     )

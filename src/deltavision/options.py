@@ -90,15 +90,6 @@ def config_options(config: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
-def describe_fields(config_cls: type) -> str:
-    """``name=default`` for every option of a config dataclass, for help texts."""
-    parts = []
-    for f in dataclasses.fields(config_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parts.append(f"{f.name}={','.join(map(str, default)) if isinstance(default, tuple) else default}")
-    return " ".join(parts) or "-"
-
-
 def convert(value: Any, annotation: Any, key: str) -> Any:
     """``value`` (a CLI string or a JSON/Python value) as the declared type ``annotation``."""
     target = _declared_type(annotation)

@@ -45,15 +45,20 @@ def apply_linear(model: nn.Module, anatomy, config: NoOptions) -> None:
     """Only the classifier trains; create_model unfreezes it."""
 
 
+# Learned biases added to attention logits (Swin, BEiT): bias terms as much as a layer's bias.
+ATTENTION_BIAS_TABLES = ("relative_position_bias_table",)
+
+
 @register_method(
-    "bitfit", NoOptions, "every bias term (BitFit)", merge=_nothing_to_fold, structure_free=True,
-    shares_backbone=False,
+    "bitfit", NoOptions, "every bias term (BitFit), attention relative-position bias tables included",
+    merge=_nothing_to_fold, structure_free=True, shares_backbone=False,
 )
 def apply_bitfit(model: nn.Module, anatomy, config: NoOptions) -> None:
     for _, module in body_named_modules(model, anatomy):
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, nn.Parameter):
-            bias.requires_grad_(True)
+        for name in ("bias", *ATTENTION_BIAS_TABLES):
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter):
+                param.requires_grad_(True)
 
 
 @register_method(

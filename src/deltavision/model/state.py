@@ -12,6 +12,8 @@ Nothing here imports timm until a model must be rebuilt.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from ..defaults import VERSION as __version__
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, NewerVersionWarning
 from ..io import load_json, load_tensors, save_json, save_tensors
 from .modes import updates_statistics
 
@@ -87,13 +89,55 @@ def adapter_files(directory: str | Path) -> tuple[Path, Path]:
     return directory / ADAPTER_WEIGHTS, directory / ADAPTER_CONFIG
 
 
+CONFIG_TYPES = {
+    "backbone": str, "method": str, "num_classes": int, "options": dict, "backbone_options": (dict, type(None)),
+    "seed": int, "classes": list, "data": dict, "source": str, "deltavision_version": str, "run": dict,
+}
+
+
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """The adapter's JSON config, its required keys present and every known key of the right type.
+
+    A config written by a newer deltavision gives a :class:`NewerVersionWarning`.
+    """
     path = adapter_files(directory)[1]
     config = load_json(path)
     missing = [k for k in ("backbone", "method", "num_classes") if k not in config]
     if missing:
         raise AdapterFileError(f"{path} lacks {', '.join(missing)}")
+    for key, types in CONFIG_TYPES.items():
+        value = config.get(key)
+        if key in config and (not isinstance(value, types) or isinstance(value, bool)):
+            raise AdapterFileError(f"{path}: {key} should be {_type_names(types)}, not {value!r}")
+    if config["num_classes"] < 1:
+        raise AdapterFileError(f"{path}: num_classes should be at least 1, not {config['num_classes']}")
+    _warn_if_newer(config.get("deltavision_version"), path)
     return config
+
+
+def _type_names(types) -> str:
+    names = {str: "a string", int: "an integer", dict: "an object", list: "a list", type(None): "null"}
+    return " or ".join(names[t] for t in (types if isinstance(types, tuple) else (types,)))
+
+
+def _warn_if_newer(version: str | None, path: Path) -> None:
+    if version and _version_key(version) > _version_key(__version__):
+        warnings.warn(
+            f"{path} was written by deltavision {version}, newer than this {__version__}; "
+            "it may not load as intended (upgrade deltavision)",
+            NewerVersionWarning, stacklevel=3,
+        )
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """The leading numeric parts of a version string: "0.10.2rc1" -> (0, 10, 2)."""
+    parts = []
+    for part in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 def load_adapter(
@@ -125,7 +169,8 @@ def load_adapter(
         )
     else:
         _check_same_spec(spec_of(model), config, directory)
-    load_adapter_tensors(model, load_tensors(adapter_files(directory)[0]), directory)
+    weights = adapter_files(directory)[0]
+    load_adapter_tensors(model, load_tensors(weights), weights)
     return model
 
 
@@ -148,6 +193,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
     for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{source} holds NaN or infinite values in {name}; it cannot be used")
         if tensor.shape != expected[name].shape:
             raise AdapterFileError(
                 f"{source} does not fit this model: {name} has shape {tuple(tensor.shape)}, "

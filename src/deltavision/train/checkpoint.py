@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from ..errors import AdapterFileError
-from ..io import save_tensors
+from ..io import load_tensors, save_tensors
 from ..model import adapter_state_dict, load_adapter_tensors
 
 MODEL_PREFIX = "model/"
@@ -35,9 +34,13 @@ def save_checkpoint(path: Path, model, optimizer: torch.optim.Optimizer, state: 
 
 
 def load_checkpoint(path: Path, model, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model and optimizer from ``path``; return the saved training state."""
+    """Restore model and optimizer from ``path``; return the saved training state.
+
+    The tensors are read into memory, so the file is not kept mapped while training
+    goes on: the next checkpoint replaces it and its disk space is freed.
+    """
     try:
-        tensors = load_file(str(path))
+        tensors = load_tensors(path)
         with safe_open(str(path), framework="pt") as handle:
             state = json.loads(handle.metadata()["state"])
     except Exception as err:  # corrupt file, missing metadata

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteLossError
+from ..io import ensure_writable_dir
 from ..memory import release_large_blocks
 from ..schedule import warmup_then_cosine
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -95,7 +96,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def evaluate(model: nn.Module, loader, progress: bool = False, device: torch.device | None = None,
              precision: str = "fp32", world: World = World()) -> dict:
     """Mean cross-entropy, top-1 and top-5 accuracy (percent) over ``loader`` (summed over processes)."""
-    device = device or next(model.parameters()).device
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
     model.eval()
     loss_sum, top1, top5, seen = 0.0, 0, 0, 0
     for images, labels in tqdm(loader, desc="eval", leave=False, disable=not progress):
@@ -136,7 +139,7 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
     if device.type == "cpu":
         release_large_blocks()
     if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(out_dir)
     net, model = model, getattr(model, "_orig_mod", model)  # torch.compile'd: save the module it wraps
     model.to(device)
     sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed)

@@ -11,6 +11,7 @@ run's data split and training settings.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import sys
@@ -146,11 +147,8 @@ def check_resume(config: RunConfig, saved: dict[str, Any]) -> None:
         )
 
 
-def run_training(config: RunConfig, on_data=None) -> dict[str, Any]:
-    """Train as configured; return a summary with parameters, accuracy, time and peak memory.
-
-    ``on_data(splits)`` is called once the data is read (the CLI prints its size).
-    """
+def run_training(config: RunConfig) -> dict[str, Any]:
+    """Train as configured; return a summary with parameters, accuracy, time and peak memory."""
     from ..data import build_datasets
     from ..model import count_parameters, create_model, save_adapter
 
@@ -165,8 +163,8 @@ def run_training(config: RunConfig, on_data=None) -> dict[str, Any]:
         val_fraction=config.val_fraction, train_limit=config.train_limit, val_limit=config.val_limit,
         augment=config.augment, seed=config.train.seed,
     )
-    if on_data:
-        on_data(splits)
+    if config.train.progress and int(os.environ.get("RANK", 0)) == 0:
+        print(data_line(splits, config.data), flush=True)
     torch.manual_seed(config.train.seed)  # the same seed rebuilds the same head, adapter and random backbone
     model = create_model(
         config.backbone, config.method, len(splits.classes), pretrained=config.pretrained,
@@ -192,9 +190,20 @@ def run_training(config: RunConfig, on_data=None) -> dict[str, Any]:
         "train_seconds": result.train_seconds,
         "peak_memory_mb": max(0, peak_rss_bytes() - rss_before) / 2**20,
         "epochs": len(result.history),
+        "train_images": len(splits.train),
+        "val_images": len(splits.val),
+        "num_classes": len(splits.classes),
         "out_dir": str(out_dir),
         "config": asdict(config),
     }
+
+
+def data_line(splits, source: str) -> str:
+    """What the data holds, e.g. "data: 1000 training / 500 validation images, 10 classes (fashion-mnist)"."""
+    return (
+        f"data: {len(splits.train)} training / {len(splits.val)} validation images, "
+        f"{len(splits.classes)} classes ({source})"
+    )
 
 
 def prepare_model(model: torch.nn.Module, config: RunConfig) -> torch.nn.Module:
