@@ -26,7 +26,7 @@ def fake_training(monkeypatch):
     """Replace the isolated training run; return the list of (method, seed) runs actually trained."""
     trained = []
 
-    def run(config):
+    def run(config, nproc=1):
         key = (config.method, config.train.seed)
         trained.append(key)
         return {

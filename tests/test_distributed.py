@@ -138,3 +138,20 @@ def test_a_killed_ddp_run_resumes_from_its_last_epoch(runs, digits_folder, tmp_p
     resumed = load_file(str(out / "adapter" / "deltavision.safetensors"))
     whole = load_file(str(tmp_path / "whole" / "adapter" / "deltavision.safetensors"))
     assert max((resumed[k] - whole[k]).abs().max().item() for k in whole) < 1e-4
+
+
+@pytest.mark.slow
+def test_compare_runs_each_method_under_torchrun(tmp_path, digits_folder, backbone_checkpoint):
+    """compare --nproc 2: the method trains in two processes, and its summary comes back from the main one."""
+    from deltavision.compare import CompareConfig, compare
+    from deltavision.train.loop import TrainConfig
+
+    config = CompareConfig(
+        backbone=VIT, backbone_options=VIT_OPTS, data=str(digits_folder), methods=("lora",), out_dir=str(tmp_path),
+        image_size=32, train_limit=48, val_limit=20, pretrained=False, checkpoint=str(backbone_checkpoint("vit")),
+        nproc=2, train=TrainConfig(epochs=1, batch_size=4, device="cpu", progress=False),
+    )
+    rows = compare(config)
+    how = json.loads((tmp_path / "lora" / "run.json").read_text())["run"]
+    assert how["world_size"] == 2 and how["global_batch"] == 8
+    assert rows[0]["method"] == "lora" and rows[0]["val_images"] == 20 and rows[0]["trainable"] > 0

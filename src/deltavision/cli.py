@@ -262,11 +262,11 @@ def plan_methods(
     backbone: str = typer.Option(EMBEDDED_BACKBONE, help=BACKBONE_HELP),
     image_size: int = typer.Option(224, min=8, help="Training input size."),
     batch: int = typer.Option(32, min=1, help="The batch you want to train with (per device)."),
-    method: Optional[List[str]] = typer.Option(None, help="Methods to plan (repeatable) \\[default: all that fit]."),
+    method: Optional[List[str]] = typer.Option(None, help="Methods to plan (repeatable) [default: all that fit]."),
     task: str = typer.Option("classification", help="Task (classification)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("fp32", help=PRECISION_HELP),
-    memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 24GB \\[default: the GPU's total; none on CPU]."),
+    memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 24GB [default: the GPU's total; none on CPU]."),
     backbone_opt: Optional[List[str]] = typer.Option(None, help=BACKBONE_OPT_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
@@ -323,6 +323,9 @@ def compare_methods(
     overwrite: bool = typer.Option(False, help="Retrain methods already finished in --out."),
     seed: int = typer.Option(0, help="Seed of the first run of each method."),
     seeds: int = typer.Option(1, min=1, help="Runs per method (seeds seed, seed+1, ...): the table shows mean and spread."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    nproc: int = typer.Option(1, min=1, help="Processes per method: each trains data-parallel under torchrun."),
 ) -> None:
     """The main job: fine-tune one backbone with every method; print a table and save a plot.
 
@@ -334,8 +337,8 @@ def compare_methods(
     config = CompareConfig(
         backbone=backbone, data=data, methods=tuple(method or ()), out_dir=str(out), image_size=image_size,
         train_limit=train_limit, val_limit=val_limit, augment=augment, pretrained=pretrained,
-        checkpoint=str(checkpoint) if checkpoint else None, overwrite=overwrite, seeds=seeds,
-        train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed),
+        checkpoint=str(checkpoint) if checkpoint else None, overwrite=overwrite, seeds=seeds, nproc=nproc,
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision),
     )
     rows = compare(config, on_result=_report_method, on_skip=_report_skip, on_start=_report_start)
     console.print(comparison_table(rows, f"{backbone} on {data}"))

@@ -12,6 +12,8 @@ import io
 import json
 import math
 import statistics
+import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
@@ -52,16 +54,34 @@ class CompareConfig:
     checkpoint: str | None = None
     overwrite: bool = False
     seeds: int = 1
+    nproc: int = 1  # processes per method (torchrun, data-parallel)
+    backbone_options: dict[str, Any] = field(default_factory=dict)
 
 
 def _train_in_this_process(config: RunConfig) -> dict[str, Any]:
     return run_training(config)
 
 
-def run_one_isolated(config: RunConfig) -> dict[str, Any]:
-    """run_training in a fresh spawned process, so peak memory is this run's alone."""
+def run_one_isolated(config: RunConfig, nproc: int = 1) -> dict[str, Any]:
+    """run_training in a fresh spawned process, so peak memory is this run's alone; with ``nproc`` > 1,
+    data-parallel in that many processes launched by torchrun (the main process's summary is returned)."""
+    if nproc > 1:
+        return _run_under_torchrun(config, nproc)
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(_train_in_this_process, config).result()
+
+
+def _run_under_torchrun(config: RunConfig, nproc: int) -> dict[str, Any]:
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings, summary = out / "compare-settings.json", out / "compare-summary.json"
+    save_json(settings_json(config), settings)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "deltavision.train.worker", str(settings), str(summary)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DeltaVisionError(f"{config.method} failed under torchrun: {result.stderr.strip().splitlines()[-1:]}")
+    return load_json(summary)
 
 
 def compare(config: CompareConfig, on_result=None, on_skip=None, on_start=None) -> list[dict[str, Any]]:
@@ -84,7 +104,7 @@ def compare(config: CompareConfig, on_result=None, on_skip=None, on_start=None) 
             row = None if config.overwrite else _finished(Path(run_config.out_dir), run_config)
             if on_start:
                 on_start(number, total, name, seed, row is not None)
-            runs.append({**row, "cached": True} if row else _train_and_keep(run_config))
+            runs.append({**row, "cached": True} if row else _train_and_keep(run_config, config.nproc))
         rows.append(summarise(name, runs))
         if on_result:
             on_result(rows[-1])
@@ -99,7 +119,7 @@ def _fitting_methods(config: CompareConfig, on_skip) -> list[str]:
         get_method(name)  # fail on a typo before hours of training
     fitting = []
     for name in methods:
-        reason = method_misfit(config.backbone, name)
+        reason = method_misfit(config.backbone, name, config.backbone_options)
         if reason and config.methods:
             raise IncompatibleMethodError(reason)
         if reason and on_skip:
@@ -109,8 +129,8 @@ def _fitting_methods(config: CompareConfig, on_skip) -> list[str]:
     return fitting
 
 
-def _train_and_keep(run_config: RunConfig) -> dict[str, Any]:
-    row = run_one_isolated(run_config)
+def _train_and_keep(run_config: RunConfig, nproc: int) -> dict[str, Any]:
+    row = run_one_isolated(run_config, nproc)
     row["trainable_pct"] = 100.0 * row["trainable"] / row["total"]
     save_json(row, Path(run_config.out_dir) / SUMMARY)
     return {**row, "cached": False}
@@ -174,6 +194,7 @@ def _run_config(config: CompareConfig, method: str, seed: int) -> RunConfig:
         augment=config.augment,
         pretrained=config.pretrained,
         checkpoint=config.checkpoint,
+        backbone_options=dict(config.backbone_options),
         overwrite=True,
         train=train,
     )
