@@ -23,7 +23,7 @@ import torch
 
 from ..defaults import VERSION as __version__
 from ..errors import ArtifactExistsError, DeltaVisionError
-from ..io import load_json, save_json
+from ..io import ensure_writable_dir, load_json, save_json
 from ..methods import get_method, make_config
 from ..options import config_options
 from .device import check_precision, resolve_device
@@ -175,6 +175,7 @@ def run_training(config: RunConfig) -> dict[str, Any]:
     world = setup(device)
     net = prepare_model(model, config)
     if world.is_main:
+        ensure_writable_dir(out_dir)
         _write_run_file(out_dir, config, data_cfg, device, world)
     rss_before = peak_rss_bytes()
     result = train(net, splits.train, splits.val, config.train, out_dir, resume=config.resume)
