@@ -1,5 +1,7 @@
 """Devices and precisions on a machine without a GPU: bf16 on the CPU trains, what cannot run is refused."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -80,3 +82,40 @@ def test_cli_refuses_a_device_or_precision_before_any_work(tmp_path, digits_fold
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def _tiny_run(tmp_path, digits_folder, backbone_checkpoint, method, **changes):
+    from dataclasses import replace
+
+    config = RunConfig(
+        backbone=VIT, method=method, data=str(digits_folder), out_dir=str(tmp_path / method), image_size=32,
+        pretrained=False, checkpoint=str(backbone_checkpoint("vit")), backbone_options=VIT_OPTS, augment=False,
+        train_limit=16, val_limit=10, train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, progress=False, device="cpu"),
+    )
+    return run_training(replace(config, **changes))
+
+
+def test_grad_checkpointing_trains_where_the_backbone_backpropagates(tmp_path, digits_folder, backbone_checkpoint):
+    summary = _tiny_run(tmp_path, digits_folder, backbone_checkpoint, "ssf", grad_checkpointing=True)
+    assert summary["epochs"] == 1 and math.isfinite(summary["train_loss"])
+
+
+@pytest.mark.parametrize("method", ["e3va", "linear"])
+def test_grad_checkpointing_is_refused_where_it_saves_nothing(tmp_path, digits_folder, backbone_checkpoint, method):
+    from deltavision.errors import DeltaVisionError
+
+    with pytest.raises(DeltaVisionError, match="never runs; drop the flag"):
+        _tiny_run(tmp_path, digits_folder, backbone_checkpoint, method, grad_checkpointing=True)
+
+
+def test_grad_accumulation_steps_once_per_group_of_micro_batches(tmp_path, digits_folder, backbone_checkpoint):
+    """16 images, batch 4, accumulation 2: two optimizer steps per epoch, seen in the schedule: after the
+    first epoch (the 2-step warm-up) the rate is the peak, not warmed up further nor decayed to zero."""
+    config_changes = {"train": TrainConfig(epochs=2, batch_size=4, lr=1e-2, progress=False, device="cpu",
+                                           grad_accum=2, warmup_epochs=1.0)}
+    _tiny_run(tmp_path, digits_folder, backbone_checkpoint, "lora", **config_changes)
+    rows = (tmp_path / "lora" / "log.csv").read_text().splitlines()
+    assert rows[0].split(",")[-1] == "lr"
+    assert float(rows[1].split(",")[-1]) == pytest.approx(1e-2)
+    how = json.loads((tmp_path / "lora" / "run.json").read_text())["run"]
+    assert how["global_batch"] == 8 and how["grad_accum"] == 2

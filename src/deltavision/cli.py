@@ -226,11 +226,13 @@ def evaluate_adapter(
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
     pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
 ) -> None:
     """Top-1/top-5 of a trained adapter on exactly its run's validation images (the run's split settings)."""
     from .inference import evaluate_saved_adapter
 
-    metrics = evaluate_saved_adapter(adapter, data, batch_size, val_limit, checkpoint, pretrained)
+    metrics = evaluate_saved_adapter(adapter, data, batch_size, val_limit, checkpoint, pretrained, device, precision)
     for warning in metrics["warnings"]:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if as_json:

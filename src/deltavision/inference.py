@@ -11,11 +11,13 @@ from .data import build_datasets
 from .errors import AdapterFileError, DataError
 from .io import refuse_overwrite, save_tensors
 from .model import load_adapter, merge, read_adapter_config
+from .train.device import check_precision, resolve_device
 from .train.loop import evaluate
 
 
 def evaluate_saved_adapter(
-    adapter: Path, data: str | None, batch_size: int, val_limit: int | None, checkpoint, pretrained: bool
+    adapter: Path, data: str | None, batch_size: int, val_limit: int | None, checkpoint, pretrained: bool,
+    device: str = "cpu", precision: str = "fp32",
 ) -> dict[str, Any]:
     """Top-1/top-5 of a saved adapter on exactly its run's validation images.
 
@@ -45,8 +47,11 @@ def evaluate_saved_adapter(
         raise DataError(
             f"{source} has {len(splits.classes)} classes but the adapter was trained for {config['num_classes']}"
         )
-    model = load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint)
-    metrics = evaluate(model, DataLoader(splits.val, batch_size=batch_size), progress=True)
+    target = resolve_device(device)
+    check_precision(target, precision)
+    model = load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint).to(target)
+    metrics = evaluate(model, DataLoader(splits.val, batch_size=batch_size), progress=True, device=target,
+                       precision=precision)
     return {**metrics, "images": len(splits.val), "data": source, "warnings": warnings}
 
 
