@@ -116,17 +116,20 @@ def size_options(backbone: str, image_size: int) -> dict:
     return {}
 
 
-def build_model(backbone: str, method: str, image_size: int, options: dict | None = None) -> nn.Module:
-    """``deltavision.create_model`` with a 10-class head; real weights only for the embedded backbone."""
+def build_model(backbone: str, method: str, image_size: int, options: dict | None = None,
+                architecture: dict | None = None) -> nn.Module:
+    """``deltavision.create_model`` with a 10-class head; real weights only for the embedded backbone.
+
+    ``architecture``: extra timm constructor options (e.g. a smaller depth for smoke tests)."""
     return deltavision.create_model(
         backbone, method, NUM_CLASSES, pretrained=backbone == EMBEDDED,
-        backbone_options=size_options(backbone, image_size) or None, **(options or {}),
+        backbone_options={**size_options(backbone, image_size), **(architecture or {})} or None, **(options or {}),
     ).to(DEVICE)
 
 
-def build_plain(backbone: str, image_size: int) -> nn.Module:
+def build_plain(backbone: str, image_size: int, architecture: dict | None = None) -> nn.Module:
     """The untouched timm model with a 10-class head (same weights policy as :func:`build_model`)."""
-    options = size_options(backbone, image_size)
+    options = {**size_options(backbone, image_size), **(architecture or {})}
     return create_backbone(backbone, NUM_CLASSES, pretrained=backbone == EMBEDDED, options=options).to(DEVICE)
 
 
@@ -273,7 +276,10 @@ def serve_worker(tasks: dict[str, Callable[..., dict]], payload: str) -> None:
 def run_script(args: argparse.Namespace, tasks: dict[str, Callable[..., dict]], benchmark: Callable[..., str]) -> None:
     """A script's entry: serve ``--worker`` if given; else run ``benchmark`` (which writes the
     outputs and returns the Markdown report), print the report and the wall time."""
-    configure(args.device, args.precision)
+    try:
+        configure(args.device, args.precision)
+    except DeltaVisionError as err:
+        raise SystemExit(f"error: {err}") from None
     if args.worker:
         serve_worker(tasks, args.worker)
         return
@@ -325,12 +331,12 @@ def describe_status(result: dict, detail: Callable[[dict], str]) -> str:
 # ---------------------------------------------------------------- command line and run record
 
 
-def base_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+def base_parser(doc: str, quick_help: str, precision: str = "fp32") -> argparse.ArgumentParser:
     """--quick, --out, --device, --precision and the hidden --worker every script takes."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory (default benchmarks/results)")
-    add_device_arguments(parser)
+    add_device_arguments(parser, precision)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
