@@ -17,6 +17,15 @@
   candidate once, in an order rotated by one per round; warm-up rounds, then
   the median of the timed rounds. A change of load from other processes hits
   every candidate alike instead of skewing whichever ran at the time.
+* **Device** (:func:`configure`, ``--device``, default cpu; ``--precision``,
+  default fp32): models and batches are built on it and training steps run
+  under its autocast. Only the measurement functions here branch on the
+  device: on CUDA, memory is ``torch.cuda.max_memory_allocated`` (and
+  ``max_memory_reserved``) after ``reset_peak_memory_stats``, read relative
+  to the memory allocated before the step, and every timed call ends with
+  ``torch.cuda.synchronize``. On the CPU nothing changes: peak RSS and wall
+  time as described above. Worker processes get the parent's device and
+  precision on their command line.
 
 Every process uses ``torch.set_num_threads(2)`` and seed 0. The embedded
 default backbone (tf_efficientnet_lite0) loads its real shipped weights; the
@@ -50,6 +59,7 @@ from torch import nn  # noqa: E402
 import deltavision  # noqa: E402
 from deltavision.backbones import create_backbone  # noqa: E402
 from deltavision.errors import DeltaVisionError  # noqa: E402
+from deltavision.train.device import autocast, check_precision, resolve_device  # noqa: E402
 from deltavision.train.loop import parameter_groups  # noqa: E402
 from deltavision.train.run import peak_rss_bytes  # noqa: E402
 
@@ -64,6 +74,30 @@ RESULT_TAG = "RESULT "
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 Call = Callable[[], object]
+
+# The device and precision of this process (set by :func:`configure` from --device / --precision).
+DEVICE = torch.device("cpu")
+PRECISION = "fp32"
+
+
+def configure(device: str = "cpu", precision: str = "fp32") -> None:
+    """Set the device and precision every builder, step and measurement here uses.
+
+    Refuses what this machine cannot run (no CUDA GPU; fp16 on the CPU)."""
+    global DEVICE, PRECISION
+    target = resolve_device(device)
+    check_precision(target, precision)
+    DEVICE, PRECISION = target, precision
+
+
+def on_cuda() -> bool:
+    return DEVICE.type == "cuda"
+
+
+def synchronize() -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
+    if on_cuda():
+        torch.cuda.synchronize(DEVICE)
 
 
 # ---------------------------------------------------------------- models and batches
@@ -82,24 +116,28 @@ def size_options(backbone: str, image_size: int) -> dict:
     return {}
 
 
-def build_model(backbone: str, method: str, image_size: int, options: dict | None = None) -> nn.Module:
-    """``deltavision.create_model`` with a 10-class head; real weights only for the embedded backbone."""
+def build_model(backbone: str, method: str, image_size: int, options: dict | None = None,
+                architecture: dict | None = None) -> nn.Module:
+    """``deltavision.create_model`` with a 10-class head; real weights only for the embedded backbone.
+
+    ``architecture``: extra timm constructor options (e.g. a smaller depth for smoke tests)."""
     return deltavision.create_model(
         backbone, method, NUM_CLASSES, pretrained=backbone == EMBEDDED,
-        backbone_options=size_options(backbone, image_size) or None, **(options or {}),
-    )
+        backbone_options={**size_options(backbone, image_size), **(architecture or {})} or None, **(options or {}),
+    ).to(DEVICE)
 
 
-def build_plain(backbone: str, image_size: int) -> nn.Module:
+def build_plain(backbone: str, image_size: int, architecture: dict | None = None) -> nn.Module:
     """The untouched timm model with a 10-class head (same weights policy as :func:`build_model`)."""
-    options = size_options(backbone, image_size)
-    return create_backbone(backbone, NUM_CLASSES, pretrained=backbone == EMBEDDED, options=options)
+    options = {**size_options(backbone, image_size), **(architecture or {})}
+    return create_backbone(backbone, NUM_CLASSES, pretrained=backbone == EMBEDDED, options=options).to(DEVICE)
 
 
 def fixed_batch(batch: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(SEED)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator)
-    return images, torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+    return images.to(DEVICE), labels.to(DEVICE)
 
 
 def tensor_bytes(module: nn.Module) -> int:
@@ -113,7 +151,9 @@ def tensor_bytes(module: nn.Module) -> int:
 
 def training_step(model, optimizer, images, labels) -> None:
     optimizer.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    with autocast(DEVICE, PRECISION):
+        logits = model(images)
+    torch.nn.functional.cross_entropy(logits.float(), labels).backward()
     optimizer.step()
 
 
@@ -125,7 +165,7 @@ def training_call(model: nn.Module, images, labels) -> Call:
 
 
 def no_grad_forward(model, images) -> None:
-    with torch.no_grad():
+    with torch.no_grad(), autocast(DEVICE, PRECISION):
         model(images)
 
 
@@ -138,21 +178,41 @@ def no_grad_call(model: nn.Module, images, labels) -> Call:
 
 
 def peak_growth(model: nn.Module, images, labels, make_call=training_call, steps: int = 3) -> dict:
-    """Growth of the peak RSS over ``steps`` calls, above the level once ``model`` and the batch exist.
+    """Growth of the peak memory over ``steps`` calls, above the level once ``model`` and the batch exist.
 
-    Step 2 is the first with gradients and AdamW state alive together, so
-    two or more steps reach the training peak."""
+    CPU: the process's peak RSS. CUDA: ``max_memory_allocated`` after
+    ``reset_peak_memory_stats``, minus what was allocated before (weights and
+    batch); ``peak_reserved_growth_mib`` adds the caching allocator's
+    reserve. Step 2 is the first with gradients and AdamW state alive
+    together, so two or more steps reach the training peak."""
     gc.collect()
-    baseline = peak_rss_bytes()
+    if on_cuda():
+        synchronize()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        baseline = torch.cuda.memory_allocated(DEVICE)
+        baseline_reserved = torch.cuda.memory_reserved(DEVICE)
+    else:
+        baseline = peak_rss_bytes()
     call = make_call(model, images, labels)
     for _ in range(steps):
         call()
-    return {"baseline_rss_mib": baseline / MIB, "peak_growth_mib": (peak_rss_bytes() - baseline) / MIB}
+    if not on_cuda():
+        return {"baseline_rss_mib": baseline / MIB, "peak_growth_mib": (peak_rss_bytes() - baseline) / MIB}
+    synchronize()
+    return {
+        "baseline_allocated_mib": baseline / MIB,
+        "peak_growth_mib": (torch.cuda.max_memory_allocated(DEVICE) - baseline) / MIB,
+        "peak_reserved_growth_mib": (torch.cuda.max_memory_reserved(DEVICE) - baseline_reserved) / MIB,
+    }
 
 
 def held_rss_bytes() -> int:
-    """Current RSS after ``gc.collect`` and glibc's ``malloc_trim(0)`` (freed heap pages go back to the OS)."""
+    """Current RSS after ``gc.collect`` and glibc's ``malloc_trim(0)`` (freed heap pages go back to the OS);
+    on CUDA the bytes allocated on the device."""
     gc.collect()
+    if on_cuda():
+        synchronize()
+        return torch.cuda.memory_allocated(DEVICE)
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc
@@ -165,14 +225,17 @@ def interleaved_medians(calls: dict[str, Call], warmup: int, runs: int) -> dict[
     """Median wall time (s) of each call over ``runs`` rounds after ``warmup`` rounds.
 
     Every round runs each call once, in an order rotated by one per round, so a
-    change of machine load during the measurement hits all of them alike."""
+    change of machine load during the measurement hits all of them alike. On
+    CUDA the device is synchronized before the clock starts and before it stops."""
     names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
     for rnd in range(warmup + runs):
         shift = rnd % len(names)
         for name in names[shift:] + names[:shift]:
+            synchronize()
             started = time.perf_counter()
             calls[name]()
+            synchronize()
             if rnd >= warmup:
                 times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -213,6 +276,10 @@ def serve_worker(tasks: dict[str, Callable[..., dict]], payload: str) -> None:
 def run_script(args: argparse.Namespace, tasks: dict[str, Callable[..., dict]], benchmark: Callable[..., str]) -> None:
     """A script's entry: serve ``--worker`` if given; else run ``benchmark`` (which writes the
     outputs and returns the Markdown report), print the report and the wall time."""
+    try:
+        configure(args.device, args.precision)
+    except DeltaVisionError as err:
+        raise SystemExit(f"error: {err}") from None
     if args.worker:
         serve_worker(tasks, args.worker)
         return
@@ -234,7 +301,7 @@ def run_in_fresh_process(script: str, kind: str, exact_allocation: bool = False,
     ``exact_allocation``: run it with :data:`EXACT_ALLOCATION_ENV` (for memory measurements)."""
     payload = json.dumps({"kind": kind, "args": args})
     started = time.perf_counter()
-    command = [sys.executable, str(Path(script).resolve()), "--worker", payload]
+    command = [sys.executable, str(Path(script).resolve()), "--worker", payload, *device_arguments()]
     env = {**os.environ, **EXACT_ALLOCATION_ENV} if exact_allocation else None
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = {"wall_s": time.perf_counter() - started}
@@ -243,6 +310,11 @@ def run_in_fresh_process(script: str, kind: str, exact_allocation: bool = False,
             return {**json.loads(line[len(RESULT_TAG):]), **wall}
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"status": "error", "reason": f"worker exit {proc.returncode}: {tail}", **wall}
+
+
+def device_arguments() -> list[str]:
+    """This process's --device and --precision, for a worker's command line."""
+    return ["--device", str(DEVICE), "--precision", PRECISION]
 
 
 def progress(message: str) -> None:
@@ -259,13 +331,20 @@ def describe_status(result: dict, detail: Callable[[dict], str]) -> str:
 # ---------------------------------------------------------------- command line and run record
 
 
-def base_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
-    """--quick, --out and the hidden --worker every script takes."""
+def base_parser(doc: str, quick_help: str, precision: str = "fp32") -> argparse.ArgumentParser:
+    """--quick, --out, --device, --precision and the hidden --worker every script takes."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory (default benchmarks/results)")
+    add_device_arguments(parser, precision)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, precision: str = "fp32") -> None:
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--precision", default=precision, choices=["fp32", "bf16", "fp16"],
+                        help=f"autocast precision of the forward pass (default {precision}; fp16 needs a GPU)")
 
 
 @dataclass
@@ -279,8 +358,10 @@ class RunRecord:
         return (time.perf_counter() - self.started) / 60
 
     def environment(self) -> str:
+        gpu = f"GPU {torch.cuda.get_device_name(DEVICE)}, " if on_cuda() else ""
+        precision = f"precision {PRECISION}, " if PRECISION != "fp32" else ""
         return (
-            f"Machine: {os.cpu_count()} CPU cores, {THREADS} torch threads, torch {torch.__version__}, "
+            f"Machine: {gpu}{precision}{os.cpu_count()} CPU cores, {THREADS} torch threads, torch {torch.__version__}, "
             f"timm {timm.__version__}, deltavision {deltavision.__version__}; 1-min load average "
             f"{self.load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
             f"date {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; "

@@ -113,7 +113,7 @@ def perturb_trainable(model: nn.Module) -> None:
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
-                param.add_(PERTURBATION * torch.randn(param.shape, generator=generator))
+                param.add_(PERTURBATION * torch.randn(param.shape, generator=generator).to(param.device))
 
 
 def inference_models(backbone: str, method: str, image_size: int, images) -> tuple[dict[str, nn.Module], dict]:

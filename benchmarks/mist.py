@@ -135,6 +135,9 @@ def photos(count: int, size: int, seed: int) -> list[bytes]:
     return made
 
 
+DEVICE_ARGS = ["cpu", "fp32"]  # --device, --precision of the service sections
+
+
 def run_worker(*args: str, threads: int | None = None) -> dict:
     """Run this script as ``--worker ...`` in a fresh process and return its RESULT line."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -291,7 +294,8 @@ class ServiceProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DELTAVISION_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
-        command = [sys.executable, "-m", "deltavision.mist", "serve", "--port", str(self.port), *arguments]
+        command = [sys.executable, "-m", "deltavision.mist", "serve", "--port", str(self.port), *arguments,
+                   "--device", DEVICE_ARGS[0], "--precision", DEVICE_ARGS[1]]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
     def __enter__(self) -> "ServiceProcess":
@@ -318,15 +322,18 @@ class ServiceProcess:
             self.process.wait(timeout=5)
 
 
-def baseline_worker(backbone: str, image_size: int, batch: int, images: int, pretrained: bool) -> dict:
+def baseline_worker(backbone: str, image_size: int, batch: int, images: int, pretrained: bool,
+                    device: str = "cpu", precision: str = "fp32") -> dict:
     """Images/s of the Gather pass on ready tensors, timed in the main thread and in a second
-    thread (where the service runs it; on a contended CPU the two can differ), interleaved."""
+    thread (where the service runs it; on a contended CPU the two can differ), interleaved.
+    On ``device`` in ``precision``, as ``serve --device --precision`` runs it (the features come
+    back to the CPU, so every pass ends synchronized)."""
     from deltavision.backbones import create_backbone
     from deltavision.mist.server.gather import Gather
 
     torch.manual_seed(0)
-    gather = Gather(create_backbone(backbone, 0, pretrained=pretrained))
-    pixels = torch.randn(batch, 3, image_size, image_size)
+    gather = Gather(create_backbone(backbone, 0, pretrained=pretrained), device=device, precision=precision)
+    pixels = torch.randn(batch, 3, image_size, image_size).to(gather.device)
     speeds: dict[str, list[float]] = {"main thread": [], "worker thread": []}
 
     def timed(where: str) -> None:
@@ -390,7 +397,7 @@ def load_clients(url: str, payloads: list[list[bytes]], clients: int, time_limit
 def throughput_rows(backbone: str, image_size: int, pretrained: bool, images: int, clients: int, per_request: int, batch: int) -> list[dict]:
     setting = f"{backbone} @ {image_size}px, {clients} clients x {per_request} images/request, max batch {batch}"
     flag = "--pretrained" if pretrained else "--no-pretrained"
-    worker_args = ("baseline", backbone, str(image_size), str(batch), str(images // 2), str(pretrained))
+    worker_args = ("baseline", backbone, str(image_size), str(batch), str(images // 2), str(pretrained), *DEVICE_ARGS)
     before = run_worker(*worker_args)
     payloads = [photos(per_request, 224, seed=1000 + r) for r in range(images // per_request)]
     warm_up = [photos(per_request, 224, seed=500 + r) for r in range(batch // per_request)]
@@ -593,14 +600,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (numbers not meaningful)")
+    parser.add_argument("--device", default="cpu", help="where the feature service and its in-process "
+                        "reference run: cpu (default), cuda or cuda:N; the edge sections stay on the CPU")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="precision of the served backbone (default fp32; fp16 needs a GPU)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    DEVICE_ARGS[:] = [args.device, args.precision]
     if args.worker:
         kind, *rest = args.worker
         if kind == "memory":
             result = memory_worker(rest[0], rest[1], rest[2], rest[3], int(rest[4]), rest[5])
         else:
-            result = baseline_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4] == "True")
+            result = baseline_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4] == "True", *rest[5:7])
         print(RESULT_TAG + json.dumps(result), flush=True)
         return
 

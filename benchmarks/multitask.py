@@ -35,7 +35,7 @@ import collections
 import gc
 import itertools
 
-from deltavision.anatomy.core import family_of
+from deltavision.anatomy import family_of
 from deltavision.methods import get_method
 from deltavision.multitask import MultiTaskModel
 

@@ -7,6 +7,16 @@ gradients, optimizer state) and the median step time. Both grow linearly in
 the batch, so two points predict any batch: :func:`predict` gives memory and
 time at the batch asked for and the largest batch that fits a memory budget.
 
+Step time is noisy on a shared machine: two probes can come out with the
+larger batch no slower (or even faster) than the smaller one, and a straight
+line through them would then predict shrinking or negative times at large
+batches. More images never cost less, so a slope that is not positive is
+noise: the prediction then scales the larger probe's time per image to the
+batch (``large.step_seconds / large.batch * batch``), i.e. assumes no fixed
+cost, which over- rather than under-states the time. With a positive slope
+the line is used, floored at zero (it can only dip below zero far under the
+smaller probe). Predicted times are therefore never negative.
+
 Memory is ``torch.cuda.max_memory_allocated`` on CUDA and, on the CPU, the
 growth of the process's peak resident set over its size before the model was
 built, with large blocks returned to the system as soon as they are freed
@@ -95,6 +105,9 @@ def predict(method: str, small: Probe, large: Probe, batch: int, budget_bytes: f
     time_slope = (large.step_seconds - small.step_seconds) / span
     memory = small.memory_bytes + memory_slope * (batch - small.batch)
     seconds = small.step_seconds + time_slope * (batch - small.batch)
+    if time_slope <= 0:  # noisy probes: scale the larger probe's time per image (module docstring)
+        seconds = large.step_seconds / large.batch * batch
+    seconds = max(seconds, 0.0)
     if budget_bytes is None:
         return Prediction(method, batch, memory, seconds, None, None)
     if memory_slope <= 0:

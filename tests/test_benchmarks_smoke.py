@@ -1,0 +1,45 @@
+"""The CPU path of benchmarks/gpu.sh runs end to end (behaviour only: files, rows, target lines; never timing)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("full", "lora", "mona", "ssf", "e3va")
+BACKBONES = ("swin_base_patch4_window7_224", "vit_base_patch16_224")
+
+
+@pytest.mark.slow
+def test_gpu_sh_cpu_quick_path_writes_table_and_targets(tmp_path):
+    src = str(ROOT / "src")
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    out = tmp_path / "gpu-quick"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--device", "cpu", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (out / "gpu.md").read_text()
+    assert (out / "gpu.png").stat().st_size > 0 and (out / "gpu.csv").exists()
+    for backbone in BACKBONES:
+        for method in METHODS:
+            row = re.search(rf"^\| {backbone} \| {method} \| ([^|]+) \|", table, re.MULTILINE)
+            assert row and row.group(1).strip()[0].isdigit(), f"no measured row for {backbone} {method}"
+        assert re.search(rf"^\| {backbone} \| \d", table, re.MULTILINE), f"no inference row for {backbone}"
+        targets = re.findall(rf"^(PASS|MISS): {backbone} e3va-r8 ", table, re.MULTILINE)
+        assert len(targets) == 3, table
+    assert "Device cpu" in table
+
+
+def test_gpu_sh_refuses_fp16_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--device", "cpu", "--precision", "fp16",
+                           "--quick", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0 and "fp16 needs a GPU" in done.stderr
+    assert not (tmp_path / "gpu.md").exists()
