@@ -123,11 +123,17 @@ def compose_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarra
     return image, instance_map, instance_labels
 
 
+@lru_cache(maxsize=1)
+def _fashion_mnist():
+    """Fashion-MNIST, read once per process (generating both splits would otherwise read it twice)."""
+    return load_fashion_mnist()
+
+
 def _split_items(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST items and labels for ``split``: the training set for "train", the test set for "val"."""
     if split not in SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
-    data = load_fashion_mnist()
+    data = _fashion_mnist()
     return (data.images, data.labels) if split == "train" else (data.val_images, data.val_labels)
 
 
