@@ -44,6 +44,7 @@ SKIMAGE_PHOTOS = (
 )  # fmt: skip
 SPLIT_CODES = {"train": 0, "val": 1}
 FORMAT_VERSION = 1
+SCENE_FIELDS = ("images", "instance_map", "instance_labels")
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,11 @@ class SceneArrays:
 
     def instances(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scene ``index``'s visible items as ``(masks K x S x S bool, labels K int64, boxes K x 4 xyxy)``."""
-        ids = [k for k in np.unique(self.instance_map[index]) if k != 0]
-        masks = torch.from_numpy(np.stack([self.instance_map[index] == k for k in ids]) if ids else
-                                 np.zeros((0, *self.instance_map.shape[1:]), dtype=bool))
-        labels = torch.as_tensor([int(self.instance_labels[index, k]) for k in ids], dtype=torch.int64)
+        instance_map = torch.from_numpy(self.instance_map[index])
+        ids = instance_map.unique()
+        ids = ids[ids != 0]
+        masks = instance_map[None] == ids[:, None, None].to(instance_map.dtype)
+        labels = torch.from_numpy(self.instance_labels[index])[ids.long()]
         return masks, labels, masks_to_boxes(masks)
 
 
@@ -85,7 +87,7 @@ def background_photos() -> tuple[np.ndarray, ...]:
 
 
 def random_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A random square crop (side between ``size`` and the photo's short side) of a random photo, resized to ``size``."""
+    """A random square crop of a random photo, resized to ``size`` (crop side from ``size`` to the short side)."""
     photos = background_photos()
     photo = photos[rng.integers(len(photos))]
     short = min(photo.shape[:2])
@@ -101,8 +103,10 @@ def scale_item(item: np.ndarray, side: int) -> np.ndarray:
     return np.array(Image.fromarray(item).resize((side, side), Image.BILINEAR))
 
 
-def paste_item(image: np.ndarray, instance_map: np.ndarray, item: np.ndarray, instance_id: int, top: int, left: int) -> None:
-    """Paste the grey ``item``'s pixels above the threshold into ``image`` in place and mark them ``instance_id``."""
+def paste_item(
+    image: np.ndarray, instance_map: np.ndarray, item: np.ndarray, instance_id: int, top: int, left: int
+) -> None:
+    """Paste the grey ``item``'s pixels above the threshold into ``image`` in place; mark them ``instance_id``."""
     bright = item > ITEM_THRESHOLD
     rows, cols = slice(top, top + item.shape[0]), slice(left, left + item.shape[1])
     image[rows, cols][bright] = item[bright, None]
@@ -151,8 +155,10 @@ def generate_scenes(split: str, count: int, size: int = SCENE_SIZE, seed: int = 
 
 def cache_path(split: str, count: int, size: int, seed: int) -> Path:
     """The cache file for these generation parameters (a hash of all of them in the name)."""
-    params = {"split": split, "count": count, "size": size, "seed": seed, "items": ITEMS_PER_SCENE,
-              "scale": ITEM_SCALE, "threshold": ITEM_THRESHOLD, "photos": SKIMAGE_PHOTOS, "version": FORMAT_VERSION}
+    params = {
+        "split": split, "count": count, "size": size, "seed": seed, "items": ITEMS_PER_SCENE, "scale": ITEM_SCALE,
+        "threshold": ITEM_THRESHOLD, "photos": SKIMAGE_PHOTOS, "version": FORMAT_VERSION,
+    }  # fmt: skip
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "fashion-scenes" / f"{split}-{count}x{size}-seed{seed}-{key}.npz"
 
@@ -162,7 +168,7 @@ def _write_npz(path: Path, scenes: SceneArrays) -> None:
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as stream:
-            np.savez(stream, images=scenes.images, instance_map=scenes.instance_map, instance_labels=scenes.instance_labels)
+            np.savez(stream, **{name: getattr(scenes, name) for name in SCENE_FIELDS})
 
     atomic_write(path, write)
 
@@ -171,7 +177,7 @@ def _read_npz(path: Path) -> SceneArrays | None:
     """Scenes from a cache file, or None if it is missing or unreadable."""
     try:
         with np.load(path) as archive:
-            return SceneArrays(archive["images"], archive["instance_map"], archive["instance_labels"])
+            return SceneArrays(*(archive[name] for name in SCENE_FIELDS))
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
 

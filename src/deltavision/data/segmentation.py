@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from deltavision.data.images import DECODE_ERRORS, is_image_file, load_rgb_image
 from deltavision.data.scenes import SCENE_CLASSES, SCENE_SIZE, TRAIN_SCENES, VAL_SCENES, load_scenes
@@ -120,7 +121,13 @@ class FileSegmentationDataset(Dataset):
     other than 255, and masks whose size differs from their image, raise DataError naming the file.
     """
 
-    def __init__(self, pairs: list[tuple[Path, Path]], num_classes: int, transform: v2.Compose, label_map: LabelMap | None = None):
+    def __init__(
+        self,
+        pairs: list[tuple[Path, Path]],
+        num_classes: int,
+        transform: v2.Compose,
+        label_map: LabelMap | None = None,
+    ):
         self.pairs, self.num_classes, self.transform, self.label_map = pairs, num_classes, transform, label_map
 
     def __len__(self) -> int:
@@ -132,7 +139,10 @@ class FileSegmentationDataset(Dataset):
         image = load_rgb_image(image_path)
         mask = read_mask(mask_path)
         if mask.shape != (image.height, image.width):
-            raise DataError(f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is {image.width}x{image.height}.")
+            raise DataError(
+                f"Mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} px "
+                f"but its image {image_path} is {image.width}x{image.height} px."
+            )
         if self.label_map is not None:
             mask = self.label_map(mask)
         check_labels(mask, self.num_classes, mask_path)
@@ -140,7 +150,7 @@ class FileSegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index)
-        return _apply(self.transform, v2.functional.pil_to_tensor(image), torch.from_numpy(mask.astype(np.int64)))
+        return _apply(self.transform, pil_to_tensor(image), torch.from_numpy(mask.astype(np.int64)))
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -150,7 +160,9 @@ def read_mask(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as mask:
             if mask.mode not in ("P", "L"):
-                raise DataError(f"Mask {path} is a {mask.mode} image; save masks as palette (P) or grey (L) PNGs of class ids.")
+                raise DataError(
+                    f"Mask {path} is a {mask.mode} image; save masks as palette (P) or grey (L) PNGs of class ids."
+                )
             return np.array(mask)
     except DECODE_ERRORS as error:
         raise DataError(f"Cannot read mask {path} ({error}); replace or delete the file.") from error
@@ -160,11 +172,14 @@ def check_labels(mask: np.ndarray, num_classes: int, path: Path) -> None:
     """Raise DataError naming ``path`` if ``mask`` holds a label >= ``num_classes`` other than 255."""
     bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
     if bad.any():
-        raise DataError(f"Mask {path} has label {int(mask[bad].max())} but there are only {num_classes} classes (0..{num_classes - 1}, 255 = ignore).")
+        raise DataError(
+            f"Mask {path} has label {int(mask[bad].max())} but there are only {num_classes} classes "
+            f"(0..{num_classes - 1}, 255 = ignore)."
+        )
 
 
 def reduce_zero_label(mask: np.ndarray) -> np.ndarray:
-    """ADE20K labels as mmseg reads them: 0 ("other") and 255 become 255 (ignore), the rest shift down by one."""
+    """ADE20K labels as mmseg reads them: 0 ("other") and 255 become 255 (ignore), the rest go down by one."""
     ignored = (mask == 0) | (mask == IGNORE_INDEX)
     return np.where(ignored, IGNORE_INDEX, mask.astype(np.int64) - 1).astype(np.uint8)
 
@@ -213,6 +228,11 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if is_image_file(path))
 
 
+def _folder_pairs(root: Path, image_folder: str, mask_folder: str, split: str = "") -> list[tuple[Path, Path]]:
+    """The images in ``root/image_folder/split`` paired with the PNG masks in ``root/mask_folder/split``."""
+    return _pair_with_masks(_image_files(root / image_folder / split), root / mask_folder / split)
+
+
 def _voc_split(root: Path, split: str) -> list[tuple[Path, Path]]:
     """The VOC pairs listed in ``ImageSets/Segmentation/<split>.txt``."""
     listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
@@ -240,8 +260,16 @@ def _split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, lis
 def _generic_pairs(root: Path, val_fraction: float, seed: int) -> tuple[list, list]:
     """Train and val pairs of the generic layout (``train/``/``val/`` subfolders, else a random split)."""
     if all((root / folder / split).is_dir() for folder in ("images", "masks") for split in ("train", "val")):
-        return tuple(_pair_with_masks(_image_files(root / "images" / split), root / "masks" / split) for split in ("train", "val"))
-    return _split_pairs(_pair_with_masks(_image_files(root / "images"), root / "masks"), val_fraction, seed)
+        return tuple(_folder_pairs(root, "images", "masks", split) for split in SPLIT_FOLDERS["generic"])
+    return _split_pairs(_folder_pairs(root, "images", "masks"), val_fraction, seed)
+
+
+def _ade20k_classes(root: Path) -> list[str]:
+    """ADE20K's class names from ``root/classes.txt``, else ``class_0`` .. ``class_149``."""
+    classes_file = root / "classes.txt"
+    if classes_file.is_file():
+        return read_class_names(classes_file)
+    return [f"class_{index}" for index in range(ADE20K_CLASS_COUNT)]
 
 
 def scan_segmentation_folder(root: Path, val_fraction: float = 0.2, seed: int = 0):
@@ -250,10 +278,8 @@ def scan_segmentation_folder(root: Path, val_fraction: float = 0.2, seed: int = 
     if layout == "voc":
         return (*(_voc_split(root, split) for split in SPLIT_FOLDERS["voc"]), list(VOC_CLASSES), None)
     if layout == "ade20k":
-        classes_file = root / "classes.txt"
-        classes = read_class_names(classes_file) if classes_file.is_file() else [f"class_{i}" for i in range(ADE20K_CLASS_COUNT)]
-        splits = (_pair_with_masks(_image_files(root / "images" / s), root / "annotations" / s) for s in SPLIT_FOLDERS["ade20k"])
-        return (*splits, classes, reduce_zero_label)
+        splits = (_folder_pairs(root, "images", "annotations", split) for split in SPLIT_FOLDERS["ade20k"])
+        return (*splits, _ade20k_classes(root), reduce_zero_label)
     classes_file = root / "classes.txt"
     if not classes_file.is_file():
         raise DataError(f"{classes_file} is missing; list the class names, one per line, in mask-id order.")
@@ -276,13 +302,17 @@ def is_fashion_scenes(source: str | Path) -> bool:
     return str(source).strip().lower().replace("_", "-") == FASHION_SCENES
 
 
-def _fashion_scenes_splits(train_tf, eval_tf, train_limit: int | None, val_limit: int | None, seed: int) -> SegmentationSplits:
-    """fashion-scenes with ``train_limit``/``val_limit`` scenes (default 1000/200) of 128 px."""
-    splits = {}
-    for split, count, transform in (("train", train_limit or TRAIN_SCENES, train_tf), ("val", val_limit or VAL_SCENES, eval_tf)):
-        scenes = load_scenes(split, count, SCENE_SIZE, seed)
-        splits[split] = ArraySegmentationDataset(scenes.images, scenes.semantic_masks(), transform)
-    return SegmentationSplits(splits["train"], splits["val"], list(SCENE_CLASSES))
+def _scene_dataset(split: str, count: int, seed: int, transform: v2.Compose) -> ArraySegmentationDataset:
+    """``count`` fashion-scenes of ``split`` (128 px, cached) as a segmentation dataset."""
+    scenes = load_scenes(split, count, SCENE_SIZE, seed)
+    return ArraySegmentationDataset(scenes.images, scenes.semantic_masks(), transform)
+
+
+def _fashion_scenes_splits(train_tf, eval_tf, train_limit: int | None, val_limit: int | None, seed: int):
+    """fashion-scenes with ``train_limit``/``val_limit`` scenes (default 1000/200)."""
+    train = _scene_dataset("train", train_limit or TRAIN_SCENES, seed, train_tf)
+    val = _scene_dataset("val", val_limit or VAL_SCENES, seed, eval_tf)
+    return SegmentationSplits(train, val, list(SCENE_CLASSES))
 
 
 def build_segmentation_datasets(
