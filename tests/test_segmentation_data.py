@@ -88,6 +88,12 @@ def test_voc_layout_reads_palette_indices_and_ignore(tmp_path):
     assert {20, 255} <= set(mask.unique().tolist())
 
 
+def test_voc_layout_found_inside_vocdevkit(tmp_path):
+    voc_folder(tmp_path / "VOCdevkit" / "VOC2012", [label_mask(i, 20) for i in range(2)])
+    splits = build_segmentation_datasets(tmp_path, SIDE, **PLAIN)
+    assert splits.classes == VOC_CLASSES and (len(splits.train), len(splits.val)) == (1, 1)
+
+
 def test_ade20k_layout_reduces_zero_label(tmp_path):
     masks = [label_mask(i, 150) for i in range(2)]
     masks[1][:8, 8:16] = 0  # "other"
@@ -139,6 +145,21 @@ def test_missing_mask_names_the_file(tmp_path):
     (root / "annotations" / "training" / "ADE_1.png").unlink()
     with pytest.raises(DataError, match="ADE_1.png"):
         build_segmentation_datasets(root, SIDE, **PLAIN)
+
+
+def test_colour_mask_names_the_file(tmp_path):
+    root = generic_folder(tmp_path, [label_mask(i, 2) for i in range(3)], ["bg", "a", "b"], subfolders=True)
+    Image.fromarray(photo_crop(0)).save(root / "masks" / "val" / "img2.png")
+    with pytest.raises(DataError, match=r"img2\.png is a RGB image"):
+        build_segmentation_datasets(root, SIDE, **PLAIN).val[0]
+
+
+def test_folder_items_batch_in_a_data_loader(tmp_path):
+    masks = [label_mask(i, 20) for i in range(3)]
+    splits = build_segmentation_datasets(voc_folder(tmp_path, masks), 24, 0.5, 0.25, augment=True)
+    images, targets = next(iter(torch.utils.data.DataLoader(splits.train, batch_size=2)))
+    assert images.shape == (2, 3, 24, 24) and targets.shape == (2, 24, 24) and targets.dtype == torch.int64
+    assert set(targets.unique().tolist()) <= set(range(21)) | {255}
 
 
 def test_unknown_folder_is_a_data_error(tmp_path):

@@ -7,7 +7,8 @@ Sources:
 - A folder, its layout detected from its contents:
 
   - Pascal VOC: ``JPEGImages/``, ``SegmentationClass/`` (palette PNGs whose index is the class,
-    255 = ignore) and ``ImageSets/Segmentation/{train,val}.txt``; the 21 VOC classes.
+    255 = ignore) and ``ImageSets/Segmentation/{train,val}.txt``; the 21 VOC classes. The folder
+    may also be the one holding ``VOCdevkit/VOC2012/``.
   - ADE20K: ``images/{training,validation}/*.jpg`` and ``annotations/{training,validation}/*.png``;
     label 0 is "other" and is ignored, the rest shift down by one (mmseg's reduce-zero-label);
     150 classes named by ``classes.txt`` if present.
@@ -187,6 +188,14 @@ def reduce_zero_label(mask: np.ndarray) -> np.ndarray:
 # --- layouts ------------------------------------------------------------------------------------
 
 
+def unwrap_voc(root: Path) -> Path:
+    """``root/VOCdevkit/VOC20xx`` (or ``root/VOC20xx``) when ``root`` is the folder a VOC archive extracts into."""
+    if (root / "JPEGImages").is_dir():
+        return root
+    nested = sorted(root.glob("VOCdevkit/VOC*/JPEGImages")) + sorted(root.glob("VOC*/JPEGImages"))
+    return nested[-1].parent if nested else root
+
+
 def detect_layout(root: Path) -> str:
     """"voc", "ade20k" or "generic" from the folders under ``root``; DataError if none fits."""
     if (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
@@ -339,7 +348,7 @@ def build_segmentation_datasets(
     root = Path(source).expanduser()
     if not root.is_dir():
         raise DataError(f"Segmentation source {source} is neither {FASHION_SCENES!r} nor a folder.")
-    train_pairs, val_pairs, classes, label_map = scan_segmentation_folder(root, val_fraction, seed)
+    train_pairs, val_pairs, classes, label_map = scan_segmentation_folder(unwrap_voc(root), val_fraction, seed)
     train = FileSegmentationDataset(_limit(train_pairs, train_limit, seed), len(classes), train_tf, label_map)
     val = FileSegmentationDataset(_limit(val_pairs, val_limit, seed), len(classes), eval_tf, label_map)
     return SegmentationSplits(train, val, classes)
