@@ -1,4 +1,4 @@
-"""Datasets for fine-tuning: image folders and bundled sets (Fashion-MNIST, mnist5k, digits)."""
+"""Datasets for fine-tuning: image folders and bundled sets (Fashion-MNIST, mnist5k, digits), and segmentation data."""
 
 from deltavision.data.build import DatasetSplits, build_datasets
 from deltavision.data.bundled import BUNDLED_DATASETS, FASHION_MNIST_CLASSES
@@ -6,6 +6,8 @@ from deltavision.data.datasets import ArrayImageDataset, ImageFileDataset
 from deltavision.data.folder import scan_image_folder, write_image_folder
 from deltavision.data.images import IMAGE_EXTENSIONS, load_rgb_image, to_rgb
 from deltavision.data.sampling import stratified_split, stratified_subset
+from deltavision.data.scenes import SCENE_CLASSES, SceneArrays, load_scenes
+from deltavision.data.segmentation import SegmentationSplits, build_segmentation_datasets
 from deltavision.data.transforms import make_transforms
 
 __all__ = [
@@ -15,8 +17,13 @@ __all__ = [
     "ArrayImageDataset",
     "DatasetSplits",
     "ImageFileDataset",
+    "SCENE_CLASSES",
+    "SceneArrays",
+    "SegmentationSplits",
     "build_datasets",
+    "build_segmentation_datasets",
     "load_rgb_image",
+    "load_scenes",
     "make_transforms",
     "scan_image_folder",
     "stratified_split",
