@@ -37,6 +37,10 @@ err_console = Console(stderr=True)
 
 BACKBONE_HELP = "timm model name, e.g. vit_base_patch16_224, swin_tiny_patch4_window7_224, tf_efficientnet_lite0."
 OPT_HELP = "Method option as key=value (repeatable), e.g. --opt k=2 for partial; `deltavision methods` lists them."
+LOW_MEMORY_HELP = (
+    "CPU: hand freed activation blocks back to the system at once, so resident memory follows the live tensors "
+    "(measured here: 28-53% less peak memory, 1.7-3x slower steps)."
+)
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 PRECISION_HELP = "fp32, bf16 (autocast; works on CPUs too) or fp16 (autocast + gradient scaling; GPUs only)."
 BACKBONE_OPT_HELP = "timm keyword argument as key=value (repeatable), e.g. --backbone-opt drop_path_rate=0.1."
@@ -155,6 +159,7 @@ def train(
     channels_last: bool = typer.Option(False, help="Channels-last memory layout (faster convolutions on GPUs)."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute backbone activations in backward (timm's; less memory)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    low_memory: bool = typer.Option(False, help=LOW_MEMORY_HELP),
 ) -> None:
     """Fine-tune a backbone on an image dataset; writes a log, a plot, checkpoints and the adapter.
 
@@ -173,7 +178,7 @@ def train(
         train=TrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
             label_smoothing=label_smoothing, seed=seed, device=device, precision=precision, grad_accum=grad_accum,
-            workers=workers,
+            workers=workers, low_memory=low_memory,
         ),
     )
     if resume:
@@ -198,7 +203,7 @@ TRAIN_FLAGS = {  # CLI parameter -> (RunConfig field, inside TrainConfig)
     "label_smoothing": ("label_smoothing", True), "seed": ("seed", True), "device": ("device", True),
     "precision": ("precision", True), "grad_accum": ("grad_accum", True), "workers": ("workers", True),
     "channels_last": ("channels_last", False), "grad_checkpointing": ("grad_checkpointing", False),
-    "compile": ("compile", False),
+    "compile": ("compile", False), "low_memory": ("low_memory", True),
 }
 
 
@@ -328,6 +333,7 @@ def compare_methods(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("fp32", help=PRECISION_HELP),
     nproc: int = typer.Option(1, min=1, help="Processes per method: each trains data-parallel under torchrun."),
+    low_memory: bool = typer.Option(False, help=LOW_MEMORY_HELP),
 ) -> None:
     """The main job: fine-tune one backbone with every method; print a table and save a plot.
 
@@ -340,7 +346,8 @@ def compare_methods(
         backbone=backbone, data=data, methods=tuple(method or ()), out_dir=str(out), image_size=image_size,
         train_limit=train_limit, val_limit=val_limit, augment=augment, pretrained=pretrained,
         checkpoint=str(checkpoint) if checkpoint else None, overwrite=overwrite, seeds=seeds, nproc=nproc,
-        train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision),
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
+                          low_memory=low_memory),
     )
     rows = compare(config, on_result=_report_method, on_skip=_report_skip, on_start=_report_start)
     console.print(comparison_table(rows, f"{backbone} on {data}"))

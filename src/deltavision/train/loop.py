@@ -52,6 +52,7 @@ class TrainConfig:
     precision: str = "fp32"
     grad_accum: int = 1
     workers: int = 0
+    low_memory: bool = False  # CPU: return freed blocks at once (deltavision.memory); less RSS, slower steps
 
     def __post_init__(self):
         if self.grad_accum < 1:
@@ -136,7 +137,7 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
     device = resolve_device(config.device)
     check_precision(device, config.precision)
     world = setup(device)
-    if device.type == "cpu":
+    if device.type == "cpu" and config.low_memory:
         release_large_blocks()
     if world.is_main:
         ensure_writable_dir(out_dir)

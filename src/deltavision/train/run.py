@@ -34,7 +34,8 @@ ADAPTER_DIR = "adapter"
 RUN_FILE = "run.json"
 # Settings that do not change what a run computes, so a resume may differ in them.
 FREE_ON_RESUME = (
-    "resume", "overwrite", "out_dir", "progress", "device", "workers", "channels_last", "grad_checkpointing", "compile"
+    "resume", "overwrite", "out_dir", "progress", "device", "workers", "channels_last", "grad_checkpointing", "compile",
+    "low_memory",
 )
 
 
