@@ -337,7 +337,7 @@ def compare_methods(
 ) -> None:
     """The main job: fine-tune one backbone with every method; print a table and save a plot.
 
-    With no arguments: real pretrained EfficientNet-Lite0 on real Fashion-MNIST (6.5 minutes on 2 idle CPU cores; far longer when other jobs share them).
+    With no arguments: real pretrained EfficientNet-Lite0 on real Fashion-MNIST (5 minutes on 2 idle CPU cores; far longer when other jobs share them).
     """
     from .compare import CompareConfig, compare, noise_footer
     from .train import TrainConfig
