@@ -196,7 +196,9 @@ def _resume(run: _Run, checkpoint: Path, result: TrainResult, steps_per_epoch: i
         for _ in range(state["epoch"] * steps_per_epoch):
             run.schedule.step()
     if run.config.progress and run.world.is_main:
-        tqdm.write(f"resuming at epoch {min(state['epoch'] + 1, run.config.epochs)} of {run.config.epochs}")
+        done, total = state["epoch"], run.config.epochs
+        tqdm.write(f"resuming at epoch {done + 1} of {total}" if done < total
+                   else f"the run finished all {total} epochs; nothing left to train")
     return state["epoch"]
 
 
