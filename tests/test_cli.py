@@ -27,7 +27,7 @@ import deltavision
 from deltavision.cli import app
 from deltavision.train import RunConfig, TrainConfig, run_training
 
-from conftest import METHODS, TINY, file_snapshot, tiny_model
+from conftest import METHODS, TINY, file_snapshot
 
 EMBEDDED = "tf_efficientnet_lite0"
 SMOKE_ARGS = ["--image-size", "32", "--train-limit", "40", "--val-limit", "20", "--epochs", "1", "--batch-size", "8"]
@@ -317,7 +317,6 @@ def test_user_error_exits_2_with_one_error_line(case, error_cases):
 def test_cli_run_training_and_compare_train_identically(smoke_run, digits_folder, tmp_path):
     """Defaults (the method's learning rate included) are resolved once: the CLI's run, run_training with
     the same settings and compare's configuration for that method agree, down to the loss curve."""
-    from dataclasses import replace
 
     from deltavision.compare import CompareConfig, _run_config
     from deltavision.train.run import resolve_run, settings_json

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import TINY

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
