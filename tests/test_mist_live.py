@@ -98,7 +98,7 @@ def stats(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cli():
-    """The commands mounted as src/deltavision/cli.py mounts them."""
+    """The commands mounted as src/deltavision/cli/ mounts them."""
     app = typer.Typer()
     app.command("serve")(serve_command)
     app.add_typer(edge_app, name="edge")

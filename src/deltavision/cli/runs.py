@@ -1,130 +1,20 @@
-"""The ``deltavision`` command line.
-
-User errors (unknown backbone or method, bad option, unreadable data, an
-adapter for another model, an existing output) print one ``error:`` line and
-exit with status 2; they never show a traceback.
-"""
+"""Commands that train: train (and resume), plan, compare."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .defaults import EMBEDDED_BACKBONE, EMBEDDED_DATA
-from .errors import DeltaVisionError
-
-app = typer.Typer(
-    help=(
-        "Adapt pretrained vision backbones cheaply. Start with `deltavision compare`, which fine-tunes "
-        "the embedded EfficientNet-Lite0 (real ImageNet weights) on Fashion-MNIST with every method."
-    ),
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # help texts are plain: "[default: ...]" must show, not vanish as markup
-    add_completion=False,
+from ..defaults import EMBEDDED_BACKBONE, EMBEDDED_DATA
+from .common import (
+    BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, LOW_MEMORY_HELP, OPT_HELP,
+    PRECISION_HELP, _backbone_options, _given, _options, app, console, err_console,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-BACKBONE_HELP = "timm model name, e.g. vit_base_patch16_224, swin_tiny_patch4_window7_224, tf_efficientnet_lite0."
-OPT_HELP = "Method option as key=value (repeatable), e.g. --opt k=2 for partial; `deltavision methods` lists them."
-LOW_MEMORY_HELP = (
-    "CPU: hand freed activation blocks back to the system at once, so resident memory follows the live tensors "
-    "(measured here: 28-53% less peak memory, 1.7-3x slower steps)."
-)
-DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
-PRECISION_HELP = "fp32, bf16 (autocast; works on CPUs too) or fp16 (autocast + gradient scaling; GPUs only)."
-BACKBONE_OPT_HELP = "timm keyword argument as key=value (repeatable), e.g. --backbone-opt drop_path_rate=0.1."
-CHECKPOINT_HELP = "Local backbone weights (.safetensors/.pth) instead of the hub; needed offline."
-DATA_HELP = "An image folder (train/ and val/ subfolders, or class folders to split) or fashion-mnist, mnist5k, digits."
-
-
-def _options(pairs: Optional[List[str]]) -> dict:
-    from .options import parse_pairs
-
-    return parse_pairs(pairs)
-
-
-def _backbone_options(pairs: Optional[List[str]]) -> dict:
-    from .options import backbone_options
-
-    return backbone_options(pairs)
-
-
-def _given(ctx: typer.Context, name: str) -> bool:
-    """Whether the user gave option ``name`` on the command line (not its default)."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-
-
-@app.command()
-def methods() -> None:
-    """List the tuning methods: what each trains, its options (with defaults) and the backbone families it supports."""
-    from .methods import get_method, list_methods
-
-    table = Table("method", "trains", "options", "families", "merges into backbone")
-    for name in list_methods():
-        spec = get_method(name)
-        table.add_row(name, spec.summary, method_options_text(spec), method_families_text(spec), "yes" if spec.folds else "no")
-    console.print(table)
-
-
-def method_options_text(spec) -> str:
-    """The method's options as ``key=default``, from its config dataclass ("none" if it has none)."""
-    from dataclasses import MISSING, fields
-
-    def shown(f):
-        value = f.default if f.default is not MISSING else f.default_factory()
-        if value in ((), [], None, ""):
-            return "(default)"
-        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-
-    return " ".join(f"{f.name}={shown(f)}" for f in fields(spec.config_cls)) or "none"
-
-
-def method_families_text(spec) -> str:
-    """The backbone families a method applies to."""
-    from .anatomy import supported_families
-
-    if spec.structure_free:
-        return "any timm model"
-    return ", ".join(f for f in supported_families() if spec.fits(f))
-
-
-@app.command()
-def params(
-    backbone: str = typer.Option(..., help=BACKBONE_HELP),
-    method: str = typer.Option(..., help="Tuning method (see `deltavision methods`)."),
-    num_classes: int = typer.Option(..., min=1, help="Classes of the new head."),
-    opt: Optional[List[str]] = typer.Option(None, help=OPT_HELP),
-    backbone_opt: Optional[List[str]] = typer.Option(None, help=BACKBONE_OPT_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-) -> None:
-    """Count trainable and total parameters (builds the model with random weights; no download)."""
-    from .model import count_parameters, create_model
-
-    model = create_model(
-        backbone, method, num_classes, pretrained=False, backbone_options=_backbone_options(backbone_opt),
-        **_options(opt),
-    )
-    counts = count_parameters(model)
-    counts["trainable_pct"] = round(100.0 * counts["trainable"] / counts["total"], 4)
-    if as_json:
-        print(json.dumps({"backbone": backbone, "method": method, "num_classes": num_classes, **counts}))
-    else:
-        console.print(
-            f"{backbone} + {method}: {counts['trainable']:,} trainable of {counts['total']:,} "
-            f"parameters ({counts['trainable_pct']:.3f}%)"
-        )
-
 
 @app.command()
 def train(
@@ -165,8 +55,8 @@ def train(
     With --resume, the run continues with the settings it started with (its run.json); a flag that
     asks for another setting is refused.
     """
-    from .train.loop import TrainConfig
-    from .train.run import RunConfig, run_training
+    from ..train.loop import TrainConfig
+    from ..train.run import RunConfig, run_training
 
     config = RunConfig(
         backbone=backbone, method=method, data=data or "", out_dir=str(out), options=_options(opt),
@@ -210,7 +100,7 @@ def _resumed_config(ctx: typer.Context, config):
     """The run's recorded settings, with the flags the user gave on top (run_training refuses conflicts)."""
     from dataclasses import replace
 
-    from .train.run import RUN_FILE, config_from_settings, read_run_settings
+    from ..train.run import RUN_FILE, config_from_settings, read_run_settings
 
     if not (Path(config.out_dir) / RUN_FILE).exists():
         return config
@@ -220,47 +110,6 @@ def _resumed_config(ctx: typer.Context, config):
     return replace(saved, **top, out_dir=config.out_dir, resume=True, overwrite=config.overwrite,
                    train=replace(saved.train, **inner))
 
-
-@app.command("eval")
-def evaluate_adapter(
-    adapter: Path = typer.Argument(..., help="Adapter folder written by `deltavision train`."),
-    data: Optional[str] = typer.Option(None, help=DATA_HELP + " [default: the training data]"),
-    batch_size: int = typer.Option(64, min=1),
-    val_limit: Optional[int] = typer.Option(None, min=1),
-    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
-    pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    precision: str = typer.Option("fp32", help=PRECISION_HELP),
-) -> None:
-    """Top-1/top-5 of a trained adapter on exactly its run's validation images (the run's split settings)."""
-    from .inference import evaluate_saved_adapter
-
-    metrics = evaluate_saved_adapter(adapter, data, batch_size, val_limit, checkpoint, pretrained, device, precision)
-    for warning in metrics["warnings"]:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    if as_json:
-        print(json.dumps(metrics))
-    else:
-        console.print(
-            f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on {metrics['images']} validation images "
-            f"of {metrics['data']}", highlight=False,
-        )
-
-
-@app.command()
-def merge(
-    adapter: Path = typer.Argument(..., help="Adapter folder of a method that folds (ssf, lora and the baselines)."),
-    out: Path = typer.Option(..., help="Output .safetensors file of the plain timm model."),
-    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
-    pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
-) -> None:
-    """Fold an adapter into its backbone: a plain timm state dict, loadable without deltavision."""
-    from .inference import merge_saved_adapter
-
-    snippet = merge_saved_adapter(adapter, out, checkpoint, pretrained, overwrite)
-    console.print(f"wrote {out}; load it with plain timm:\n  {snippet}", soft_wrap=True, highlight=False)
 
 
 @app.command("plan")
@@ -278,10 +127,10 @@ def plan_methods(
 ) -> None:
     """Which method fits my device: measures each method at two small batches (fresh processes, random
     weights), extrapolates memory and step time linearly to --batch, and finds the largest batch that fits."""
-    from .methods import list_methods
-    from .model import method_misfit
-    from .plan import parse_memory, plan
-    from .train.device import resolve_device
+    from ..methods import list_methods
+    from ..model import method_misfit
+    from ..plan import parse_memory, plan
+    from ..train.device import resolve_device
 
     if task != "classification":
         raise typer.BadParameter(f"--task {task}: only classification is planned so far")
@@ -338,8 +187,8 @@ def compare_methods(
 
     With no arguments: real pretrained EfficientNet-Lite0 on real Fashion-MNIST (5 minutes on 2 idle CPU cores; far longer when other jobs share them).
     """
-    from .compare import CompareConfig, compare, noise_footer
-    from .train import TrainConfig
+    from ..compare import CompareConfig, compare, noise_footer
+    from ..train import TrainConfig
 
     config = CompareConfig(
         backbone=backbone, data=data, methods=tuple(method or ()), out_dir=str(out), image_size=image_size,
@@ -373,7 +222,7 @@ def _report_skip(name: str, reason: str) -> None:
 
 
 def comparison_table(rows, title: str) -> Table:
-    from .compare import mean_spread
+    from ..compare import mean_spread
 
     table = Table("method", "trainable", "trainable %", "top-1 %", "top-5 %", "within noise", "train s", "peak MB",
                   title=title)
@@ -384,39 +233,3 @@ def comparison_table(rows, title: str) -> Table:
     return table
 
 
-from .mist.cli import edge_app, serve_command  # noqa: E402
-
-app.command("serve")(serve_command)
-app.add_typer(edge_app, name="edge")
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Our own warnings as one ``warning:`` line; others as Python shows them."""
-    from .errors import NewerVersionWarning
-
-    if issubclass(category, NewerVersionWarning):
-        if str(message) not in _warned:
-            _warned.add(str(message))
-            err_console.print(f"warning: {message}", highlight=False, soft_wrap=True, markup=False)
-    else:
-        _python_show_warning(message, category, filename, lineno, file, line)
-
-
-_python_show_warning = warnings.showwarning
-_warned: set[str] = set()
-
-
-def main() -> None:
-    warnings.showwarning = _show_warning
-    try:
-        app()
-    except DeltaVisionError as err:
-        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; `--resume` continues a training run from its last epoch")
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""``python -m deltavision.cli``: the command line."""
+
+from . import main
+
+main()

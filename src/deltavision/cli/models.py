@@ -1,0 +1,121 @@
+"""Commands about methods and saved adapters: methods, params, eval, merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from .common import (
+    BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, OPT_HELP, PRECISION_HELP,
+    _backbone_options, _options, app, console, err_console,
+)
+
+@app.command()
+def methods() -> None:
+    """List the tuning methods: what each trains, its options (with defaults) and the backbone families it supports."""
+    from ..methods import get_method, list_methods
+
+    table = Table("method", "trains", "options", "families", "merges into backbone")
+    for name in list_methods():
+        spec = get_method(name)
+        table.add_row(name, spec.summary, method_options_text(spec), method_families_text(spec), "yes" if spec.folds else "no")
+    console.print(table)
+
+
+def method_options_text(spec) -> str:
+    """The method's options as ``key=default``, from its config dataclass ("none" if it has none)."""
+    from dataclasses import MISSING, fields
+
+    def shown(f):
+        value = f.default if f.default is not MISSING else f.default_factory()
+        if value in ((), [], None, ""):
+            return "(default)"
+        return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+    return " ".join(f"{f.name}={shown(f)}" for f in fields(spec.config_cls)) or "none"
+
+
+def method_families_text(spec) -> str:
+    """The backbone families a method applies to."""
+    from ..anatomy import supported_families
+
+    if spec.structure_free:
+        return "any timm model"
+    return ", ".join(f for f in supported_families() if spec.fits(f))
+
+
+@app.command()
+def params(
+    backbone: str = typer.Option(..., help=BACKBONE_HELP),
+    method: str = typer.Option(..., help="Tuning method (see `deltavision methods`)."),
+    num_classes: int = typer.Option(..., min=1, help="Classes of the new head."),
+    opt: Optional[List[str]] = typer.Option(None, help=OPT_HELP),
+    backbone_opt: Optional[List[str]] = typer.Option(None, help=BACKBONE_OPT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Count trainable and total parameters (builds the model with random weights; no download)."""
+    from ..model import count_parameters, create_model
+
+    model = create_model(
+        backbone, method, num_classes, pretrained=False, backbone_options=_backbone_options(backbone_opt),
+        **_options(opt),
+    )
+    counts = count_parameters(model)
+    counts["trainable_pct"] = round(100.0 * counts["trainable"] / counts["total"], 4)
+    if as_json:
+        print(json.dumps({"backbone": backbone, "method": method, "num_classes": num_classes, **counts}))
+    else:
+        console.print(
+            f"{backbone} + {method}: {counts['trainable']:,} trainable of {counts['total']:,} "
+            f"parameters ({counts['trainable_pct']:.3f}%)"
+        )
+
+
+
+
+@app.command("eval")
+def evaluate_adapter(
+    adapter: Path = typer.Argument(..., help="Adapter folder written by `deltavision train`."),
+    data: Optional[str] = typer.Option(None, help=DATA_HELP + " [default: the training data]"),
+    batch_size: int = typer.Option(64, min=1),
+    val_limit: Optional[int] = typer.Option(None, min=1),
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
+) -> None:
+    """Top-1/top-5 of a trained adapter on exactly its run's validation images (the run's split settings)."""
+    from ..inference import evaluate_saved_adapter
+
+    metrics = evaluate_saved_adapter(adapter, data, batch_size, val_limit, checkpoint, pretrained, device, precision)
+    for warning in metrics["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps(metrics))
+    else:
+        console.print(
+            f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on {metrics['images']} validation images "
+            f"of {metrics['data']}", highlight=False,
+        )
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Argument(..., help="Adapter folder of a method that folds (ssf, lora and the baselines)."),
+    out: Path = typer.Option(..., help="Output .safetensors file of the plain timm model."),
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Fold an adapter into its backbone: a plain timm state dict, loadable without deltavision."""
+    from ..inference import merge_saved_adapter
+
+    snippet = merge_saved_adapter(adapter, out, checkpoint, pretrained, overwrite)
+    console.print(f"wrote {out}; load it with plain timm:\n  {snippet}", soft_wrap=True, highlight=False)
+
+
