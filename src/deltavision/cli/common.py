@@ -31,7 +31,13 @@ DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 PRECISION_HELP = "fp32, bf16 (autocast; works on CPUs too) or fp16 (autocast + gradient scaling; GPUs only)."
 BACKBONE_OPT_HELP = "timm keyword argument as key=value (repeatable), e.g. --backbone-opt drop_path_rate=0.1."
 CHECKPOINT_HELP = "Local backbone weights (.safetensors/.pth) instead of the hub; needed offline."
-DATA_HELP = "An image folder (train/ and val/ subfolders, or class folders to split) or fashion-mnist, mnist5k, digits."
+DATA_HELP = (
+    "An image folder (train/ and val/ subfolders, or class folders to split) or fashion-mnist, mnist5k, digits. "
+    "Segmentation: fashion-scenes (offline composites of real images) or a Pascal VOC, ADE20K or images/ + masks/ "
+    "folder."
+)
+TASK_HELP = "classification, or segmentation (per-pixel classes; a UPerNet or FPN head over the backbone's stages)."
+HEAD_HELP = "Segmentation head: upernet (default) or fpn (lighter)."
 
 
 def _options(pairs: Optional[List[str]]) -> dict:

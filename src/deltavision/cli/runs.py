@@ -12,8 +12,8 @@ from rich.table import Table
 
 from ..defaults import EMBEDDED_BACKBONE, EMBEDDED_DATA
 from .common import (
-    BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, LOW_MEMORY_HELP, OPT_HELP,
-    PRECISION_HELP, _backbone_options, _given, _options, app, console, err_console,
+    BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, HEAD_HELP, LOW_MEMORY_HELP, OPT_HELP,
+    PRECISION_HELP, TASK_HELP, _backbone_options, _given, _options, app, console, err_console,
 )
 
 @app.command()
@@ -22,6 +22,8 @@ def train(
     data: Optional[str] = typer.Option(None, help=DATA_HELP + " Required unless --resume."),
     backbone: str = typer.Option(EMBEDDED_BACKBONE, help=BACKBONE_HELP),
     method: str = typer.Option("ssf", help="Tuning method (see `deltavision methods`)."),
+    task: str = typer.Option("classification", help=TASK_HELP),
+    head: Optional[str] = typer.Option(None, help=HEAD_HELP),
     opt: Optional[List[str]] = typer.Option(None, help=OPT_HELP),
     backbone_opt: Optional[List[str]] = typer.Option(None, help=BACKBONE_OPT_HELP),
     out: Path = typer.Option(Path("runs/train"), help="Run folder: log.csv, curves.png, checkpoint, adapter/."),
@@ -59,7 +61,7 @@ def train(
     from ..train.run import RunConfig, run_training
 
     config = RunConfig(
-        backbone=backbone, method=method, data=data or "", out_dir=str(out), options=_options(opt),
+        backbone=backbone, method=method, task=task, head=head, data=data or "", out_dir=str(out), options=_options(opt),
         image_size=image_size, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit,
         pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None, augment=augment,
         backbone_options=_backbone_options(backbone_opt), resume=resume, overwrite=overwrite,
@@ -76,14 +78,19 @@ def train(
         raise typer.BadParameter("--data is required (unless --resume continues a run that recorded it)")
     summary = run_training(config)
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, the main process reports
+        if config.task == "segmentation":
+            scores = f"mIoU {summary['miou']:.2f}%, pixel accuracy {summary['pixel_acc']:.2f}%"
+        else:
+            scores = f"top-1 {summary['top1']:.2f}%, top-5 {summary['top5']:.2f}%"
         console.print(
-            f"[bold]{config.method}[/] on {config.backbone}: top-1 {summary['top1']:.2f}%, "
-            f"top-5 {summary['top5']:.2f}%, {summary['trainable']:,} trainable parameters; adapter in {out / 'adapter'}"
+            f"[bold]{config.method}[/] on {config.backbone}: {scores}, {summary['trainable']:,} trainable "
+            f"parameters; adapter in {out / 'adapter'}"
         )
 
 
 TRAIN_FLAGS = {  # CLI parameter -> (RunConfig field, inside TrainConfig)
     "data": ("data", False), "backbone": ("backbone", False), "method": ("method", False),
+    "task": ("task", False), "head": ("head", False),
     "opt": ("options", False), "backbone_opt": ("backbone_options", False), "image_size": ("image_size", False),
     "val_fraction": ("val_fraction", False), "train_limit": ("train_limit", False),
     "val_limit": ("val_limit", False), "augment": ("augment", False), "pretrained": ("pretrained", False),

@@ -169,6 +169,16 @@ class E3VAModel(BackboneWrapper):
             feats.append(to_nchw_map(f, self.family.grid(self.backbone, f, tuple(images.shape[-2:]))))
         return feats
 
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Dense heads read the highway, never the backbone (:meth:`features`)."""
+        return self.features(images)
+
+    def use_stages(self, stages: list[int]) -> None:
+        """Stage norms of stages no head reads would train without a gradient: make them identities."""
+        for index in range(len(self.highway.stage_norms)):
+            if index not in stages:
+                self.highway.stage_norms[index] = nn.Identity()
+
     def _block_step(self, index: int, l: torch.Tensor, e: torch.Tensor):
         """Run block ``index`` of the backbone without autograd and advance the highway."""
         info, block = self.anatomy.blocks[index], self.block(index)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..anatomy import supported_families
+from ..anatomy.layout import to_nchw_map
 from ..errors import MethodOptionError
 from .registry import register_method
 from .wrapper import BackboneWrapper
@@ -62,6 +63,15 @@ class VPTModel(BackboneWrapper):
         return self.anatomy.num_prefix_tokens + self.prompts[0].shape[1]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.family.head(self.backbone, self._stream(images), num_prefix_tokens=self.num_prefix_tokens)
+
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The last block's patch tokens as one NCHW map; prompts and prefix tokens dropped."""
+        x = self._stream(images)
+        grid = self.family.grid(self.backbone, x, tuple(images.shape[-2:]))
+        return [to_nchw_map(x, grid)]
+
+    def _stream(self, images: torch.Tensor) -> torch.Tensor:
         x = self.family.embed(self.backbone, images)
         for stage in self.anatomy.stages:
             if stage.downsample:
@@ -70,7 +80,7 @@ class VPTModel(BackboneWrapper):
                 if index < len(self.prompts):
                     x = self._with_prompts(x, index, replace=index > 0)
                 x = self.block(index)(x)
-        return self.family.head(self.backbone, x, num_prefix_tokens=self.num_prefix_tokens)
+        return x
 
     def _with_prompts(self, x: torch.Tensor, index: int, replace: bool) -> torch.Tensor:
         """[prefix, prompts ``index``, patches]; ``replace`` drops the prompts ``x`` already holds."""

@@ -45,3 +45,10 @@ class BackboneWrapper(nn.Module):
     def block(self, index: int) -> nn.Module:
         """The backbone's block ``index`` (in anatomy order)."""
         return self.backbone.get_submodule(self.anatomy.blocks[index].name)
+
+    def feature_maps(self, images):
+        """One NCHW map per stage, for dense heads (the backbone's own stage outputs unless overridden)."""
+        return self.family.stage_outputs(self.backbone, images)
+
+    def use_stages(self, stages: list[int]) -> None:
+        """A dense head reads only these stages' maps: drop what would train for the others."""

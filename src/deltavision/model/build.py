@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +10,11 @@ from torch import nn
 
 from ..anatomy import Anatomy, describe, family_of
 from ..backbones import create_backbone
-from ..errors import IncompatibleMethodError
+from ..errors import IncompatibleMethodError, MethodOptionError
 from ..methods import get_method, make_config
 from ..methods.base import MethodSpec
 from ..methods.common import unfreeze
+from ..methods.wrapper import BackboneWrapper
 from ..options import config_options
 from .modes import keep_statistics, release_all
 from .state import ModelSpec, spec_of
@@ -25,20 +27,58 @@ def create_model(
     pretrained: bool = True,
     checkpoint: str | Path | None = None,
     backbone_options: dict[str, Any] | None = None,
+    task: str = "classification",
+    head: str | None = None,
     **method_options: Any,
 ) -> nn.Module:
-    """A timm ``backbone`` with ``method`` applied and a ``num_classes`` head.
+    """A timm ``backbone`` with ``method`` applied and a ``num_classes`` head for ``task``.
 
-    Only the method's parameters and the classifier require gradients. The
-    model carries its :class:`ModelSpec` as ``model.deltavision``.
+    ``task="classification"``: the backbone's own classifier (``forward(images) -> (B, classes)``).
+    ``task="segmentation"``: a :class:`~deltavision.tasks.segmentation.SegmentationModel`,
+    ``head`` "upernet" (default) or "fpn", whose ``forward(images)`` gives
+    ``(B, classes, H, W)`` logits. Only the method's parameters and the head
+    require gradients. The model carries its :class:`ModelSpec` as ``model.deltavision``.
     """
     spec = get_method(method)
+    dense = _check_task(task, head)
     config = make_config(spec, method_options)  # a bad option fails before any weights load
+    if dense and hasattr(config, "dense"):
+        config = dataclasses.replace(config, dense=True)  # E3VA: stage norms for the dense head
     model = create_backbone(
-        backbone, num_classes, pretrained=pretrained, checkpoint=checkpoint, options=backbone_options
+        backbone, 0 if dense else num_classes, pretrained=pretrained, checkpoint=checkpoint, options=backbone_options
     )
-    fresh_head = not (pretrained or checkpoint) or num_classes != model.pretrained_cfg.get("num_classes")
-    return _apply(model, backbone, spec, config, backbone_options, zero_head=fresh_head)
+    if not dense:
+        fresh_head = not (pretrained or checkpoint) or num_classes != model.pretrained_cfg.get("num_classes")
+        return _apply(model, backbone, spec, config, backbone_options, zero_head=fresh_head)
+    from ..tasks.segmentation import SegmentationModel, check_head
+
+    adapted = _apply(model, backbone, spec, config, backbone_options, zero_head=False)
+    model_spec = adapted.deltavision
+    del adapted.deltavision
+    _freeze_unused_final_layers(adapted, spec, backbone)
+    dense_model = SegmentationModel(adapted, num_classes, head=check_head(head))
+    dense_model.deltavision = dataclasses.replace(model_spec, num_classes=num_classes, task=task, head=dense_model.head_name)
+    return dense_model
+
+
+TASKS = ("classification", "segmentation")
+
+
+def _check_task(task: str, head: str | None) -> bool:
+    """Whether ``task`` is dense; unknown tasks and heads for classification are errors."""
+    if task not in TASKS:
+        raise MethodOptionError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task == "classification" and head is not None:
+        raise MethodOptionError("classification uses the backbone's own classifier; drop head=")
+    return task != "classification"
+
+
+def _freeze_unused_final_layers(model: nn.Module, spec: MethodSpec, backbone: str) -> None:
+    """Dense heads read the stage outputs, never the final norm or the classifier: train nothing there."""
+    inner = model.backbone if isinstance(model, BackboneWrapper) else model
+    anatomy = _anatomy_for(inner, spec, backbone)
+    for name in anatomy.final:
+        inner.get_submodule(name).requires_grad_(False)
 
 
 def adapt(
@@ -120,7 +160,11 @@ def merge(model: nn.Module) -> nn.Module:
             f"method {spec.method!r} adds modules that cannot be folded into the backbone; "
             "save it with save_adapter and load it with load_adapter instead"
         )
-    plain = method.merge(model, _anatomy_for(model, method, spec.backbone)) or model
+    if spec.task != "classification":
+        model.backbone = method.merge(model.backbone, _anatomy_for(model.backbone, method, spec.backbone)) or model.backbone
+        plain = model
+    else:
+        plain = method.merge(model, _anatomy_for(model, method, spec.backbone)) or model
     del plain.deltavision
     release_all(plain)
     plain.requires_grad_(True)

@@ -41,6 +41,8 @@ class ModelSpec:
     num_classes: int
     options: dict[str, Any] = field(default_factory=dict)
     backbone_options: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
+    head: str | None = None  # the dense head ("upernet", "fpn"); None for classification
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,6 +94,7 @@ def adapter_files(directory: str | Path) -> tuple[Path, Path]:
 CONFIG_TYPES = {
     "backbone": str, "method": str, "num_classes": int, "options": dict, "backbone_options": (dict, type(None)),
     "seed": int, "classes": list, "data": dict, "source": str, "deltavision_version": str, "run": dict,
+    "task": str, "head": (str, type(None)),
 }
 
 
@@ -165,6 +168,8 @@ def load_adapter(
             pretrained=pretrained,
             checkpoint=checkpoint,
             backbone_options=config.get("backbone_options") or None,
+            task=config.get("task", "classification"),
+            head=config.get("head"),
             **config.get("options", {}),
         )
     else:
@@ -175,8 +180,9 @@ def load_adapter(
 
 
 def _check_same_spec(spec: ModelSpec, config: dict[str, Any], directory) -> None:
-    for key in ("backbone", "method", "num_classes", "options", "backbone_options"):
-        saved, ours = config.get(key), getattr(spec, key)
+    defaults = {"task": "classification"}
+    for key in ("backbone", "method", "num_classes", "options", "backbone_options", "task", "head"):
+        saved, ours = config.get(key, defaults.get(key)), getattr(spec, key)
         if key in ("options", "backbone_options"):
             saved = saved or {}
             ours = {k: list(v) if isinstance(v, tuple) else v for k, v in ours.items()}

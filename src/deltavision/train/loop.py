@@ -32,6 +32,7 @@ from ..schedule import warmup_then_cosine
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import autocast, check_precision, grad_scaler, resolve_device
 from .distributed import World, all_sum, barrier, setup
+from .objectives import ClassificationObjective, SegmentationObjective
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.csv"
@@ -93,27 +94,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, progress: bool = False, device: torch.device | None = None,
              precision: str = "fp32", world: World = World()) -> dict:
     """Mean cross-entropy, top-1 and top-5 accuracy (percent) over ``loader`` (summed over processes)."""
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    model.eval()
-    loss_sum, top1, top5, seen = 0.0, 0, 0, 0
-    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += (best[:, 0] == labels).sum().item()
-        top5 += (best == labels[:, None]).any(dim=1).sum().item()
-        seen += labels.numel()
-    loss_sum, top1, top5, seen = all_sum([loss_sum, top1, top5, seen], world, device)
-    return {"val_loss": loss_sum / seen, "top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen}
+    return ClassificationObjective().evaluate(model, loader, progress, device, precision, world)
 
 
 @dataclass
@@ -129,10 +113,16 @@ class _Run:
     device: torch.device
     world: World
     config: TrainConfig
+    objective: ClassificationObjective | SegmentationObjective
 
 
-def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Path, resume: bool = False) -> TrainResult:
-    """Train ``model`` in place on ``train_set``, validating on ``val_set`` after every epoch."""
+def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Path, resume: bool = False,
+          objective: ClassificationObjective | SegmentationObjective | None = None) -> TrainResult:
+    """Train ``model`` in place on ``train_set``, validating on ``val_set`` after every epoch.
+
+    ``objective`` says what is optimised and scored (default: classification).
+    """
+    objective = objective or ClassificationObjective()
     out_dir = Path(out_dir)
     device = resolve_device(config.device)
     check_precision(device, config.precision)
@@ -144,7 +134,8 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
     net, model = model, getattr(model, "_orig_mod", model)  # torch.compile'd: save the module it wraps
     model.to(device)
     sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed)
-    train_loader = _loader(train_set, config, device, sampler=sampler)
+    drop_last = objective.drop_last and len(train_set) // world.size > config.batch_size
+    train_loader = _loader(train_set, config, device, sampler=sampler, drop_last=drop_last)
     val_loader = _loader(Subset(val_set, range(world.rank, len(val_set), world.size)), config, device,
                          batch_size=max(64, config.batch_size))
     optimizer = make_optimizer(model, config)
@@ -152,8 +143,8 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
     run = _Run(
         model=model, net=_data_parallel(net, device, world), optimizer=optimizer,
         schedule=make_schedule(optimizer, config, steps_per_epoch), scaler=grad_scaler(device, config.precision),
-        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), device=device, world=world,
-        config=config,
+        criterion=objective.criterion(config.label_smoothing), device=device, world=world,
+        config=config, objective=objective,
     )
     result, start_epoch = TrainResult(), 0
     checkpoint = out_dir / CHECKPOINT
@@ -166,7 +157,7 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
         started = time.perf_counter()
         train_loss = _train_one_epoch(run, train_loader, epoch)
         result.train_seconds += time.perf_counter() - started
-        metrics = evaluate(model, val_loader, device=device, precision=config.precision, world=world)
+        metrics = objective.evaluate(model, val_loader, device=device, precision=config.precision, world=world)
         row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics, "lr": run.schedule.get_last_lr()[0]}
         result.history.append(row)
         if world.is_main:
@@ -175,10 +166,11 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
     return result
 
 
-def _loader(dataset, config: TrainConfig, device: torch.device, sampler=None, batch_size: int | None = None):
+def _loader(dataset, config: TrainConfig, device: torch.device, sampler=None, batch_size: int | None = None,
+            drop_last: bool = False):
     return DataLoader(
         dataset, batch_size=batch_size or config.batch_size, sampler=sampler, num_workers=config.workers,
-        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0, drop_last=drop_last,
     )
 
 
@@ -211,11 +203,11 @@ def _save_epoch(run: _Run, out_dir: Path, result: TrainResult) -> None:
     from .plots import plot_history  # matplotlib, only where runs are written
 
     _write_log(out_dir / LOG, result.history)
-    plot_history(result.history, out_dir / PLOT)
+    plot_history(result.history, out_dir / PLOT, run.objective.plotted)
     if run.config.progress:
         tqdm.write(
             f"epoch {row['epoch']}/{run.config.epochs}: train loss {row['train_loss']:.4f}, "
-            f"val top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%"
+            f"{run.objective.summary(row)}"
         )
 
 

@@ -10,17 +10,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_history(history: list[dict], path: Path) -> None:
-    """Loss (train and val) and top-1/top-5 accuracy per epoch."""
+def plot_history(history: list[dict], path: Path, plotted: dict[str, str] | None = None) -> None:
+    """Loss (train and val) and the validation metrics ``plotted`` ({key: label}, in percent) per epoch."""
+    plotted = plotted or {"top1": "top-1", "top5": "top-5"}
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [r["top1"] for r in history], "o-", label="top-1")
-    ax_acc.plot(epochs, [r["top5"] for r in history], "o-", label="top-5")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
+    for key, label in plotted.items():
+        ax_acc.plot(epochs, [r[key] for r in history], "o-", label=label)
+    ax_acc.set(xlabel="epoch", ylabel="%", title="validation " + ", ".join(plotted.values()))
     ax_acc.legend()
     _save(fig, path)
 

@@ -29,6 +29,7 @@ from ..options import config_options
 from .device import check_precision, resolve_device
 from .distributed import setup
 from .loop import CHECKPOINT, TrainConfig, train
+from .objectives import objective_for
 
 ADAPTER_DIR = "adapter"
 RUN_FILE = "run.json"
@@ -50,6 +51,8 @@ class RunConfig:
     data: str
     out_dir: str
     options: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
+    head: str | None = None  # dense tasks: the head ("upernet" by default for segmentation)
     image_size: int | None = None
     val_fraction: float = 0.2
     train_limit: int | None = None
@@ -92,8 +95,17 @@ def resolve_run(config: RunConfig) -> RunConfig:
     options = config_options(make_config(spec, config.options))
     lr = config.train.lr if config.train.lr is not None else spec.default_lr
     image_size = config.image_size or data_settings(config.backbone, config.backbone_options)["image_size"]
+    head = None
+    if config.task == "segmentation":
+        from ..tasks.segmentation import check_head
+
+        head = check_head(config.head)
+    elif config.task != "classification" or config.head is not None:
+        from ..model.build import _check_task
+
+        _check_task(config.task, config.head)
     return replace(
-        config, options=options, image_size=image_size, backbone_options=dict(config.backbone_options or {}),
+        config, options=options, image_size=image_size, head=head, backbone_options=dict(config.backbone_options or {}),
         train=replace(config.train, lr=lr),
     )
 
@@ -150,7 +162,6 @@ def check_resume(config: RunConfig, saved: dict[str, Any]) -> None:
 
 def run_training(config: RunConfig) -> dict[str, Any]:
     """Train as configured; return a summary with parameters, accuracy, time and peak memory."""
-    from ..data import build_datasets
     from ..model import count_parameters, create_model, save_adapter
 
     out_dir = Path(config.out_dir)
@@ -159,17 +170,14 @@ def run_training(config: RunConfig) -> dict[str, Any]:
     if config.resume and (out_dir / RUN_FILE).exists():
         check_resume(config, read_run_settings(out_dir))
     data_cfg = data_settings(config.backbone, config.backbone_options, config.image_size)
-    splits = build_datasets(
-        config.data, image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
-        val_fraction=config.val_fraction, train_limit=config.train_limit, val_limit=config.val_limit,
-        augment=config.augment, seed=config.train.seed,
-    )
+    splits = build_task_datasets(config, data_cfg)
     if config.train.progress and int(os.environ.get("RANK", 0)) == 0:
         print(data_line(splits, config.data), flush=True)
     torch.manual_seed(config.train.seed)  # the same seed rebuilds the same head, adapter and random backbone
     model = create_model(
         config.backbone, config.method, len(splits.classes), pretrained=config.pretrained,
-        checkpoint=config.checkpoint, backbone_options=config.backbone_options or None, **config.options,
+        checkpoint=config.checkpoint, backbone_options=config.backbone_options or None, task=config.task,
+        head=config.head, **config.options,
     )
     device = resolve_device(config.train.device)
     check_precision(device, config.train.precision)
@@ -179,7 +187,8 @@ def run_training(config: RunConfig) -> dict[str, Any]:
         ensure_writable_dir(out_dir)
         _write_run_file(out_dir, config, data_cfg, device, world)
     rss_before = peak_rss_bytes()
-    result = train(net, splits.train, splits.val, config.train, out_dir, resume=config.resume)
+    objective = objective_for(config.task, splits.classes)
+    result = train(net, splits.train, splits.val, config.train, out_dir, resume=config.resume, objective=objective)
     extra = {"classes": splits.classes, "data": data_cfg, "source": config.data, "seed": config.train.seed,
              "run": settings_json(config)}
     if world.is_main:
@@ -188,7 +197,8 @@ def run_training(config: RunConfig) -> dict[str, Any]:
         "backbone": config.backbone,
         "method": config.method,
         **count_parameters(model),
-        **{k: result.final.get(k) for k in ("top1", "top5", "val_loss", "train_loss")},
+        "task": config.task,
+        **{k: result.final.get(k) for k in (*objective.plotted, "val_loss", "train_loss")},
         "train_seconds": result.train_seconds,
         "peak_memory_mb": max(0, peak_rss_bytes() - rss_before) / 2**20,
         "epochs": len(result.history),
@@ -198,6 +208,20 @@ def run_training(config: RunConfig) -> dict[str, Any]:
         "out_dir": str(out_dir),
         "config": asdict(config),
     }
+
+
+def build_task_datasets(config: RunConfig, data_cfg: dict, augment: bool | None = None, val_limit="run"):
+    """The run's train and validation splits for its task (``val_limit`` "run": the run's own)."""
+    from ..data import build_datasets
+    from ..data.segmentation import build_segmentation_datasets
+
+    build = build_segmentation_datasets if config.task == "segmentation" else build_datasets
+    return build(
+        config.data, image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
+        val_fraction=config.val_fraction, train_limit=config.train_limit,
+        val_limit=config.val_limit if val_limit == "run" else val_limit,
+        augment=config.augment if augment is None else augment, seed=config.train.seed,
+    )
 
 
 def data_line(splits, source: str) -> str:
