@@ -8,11 +8,12 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from .data import build_datasets
+from .data.segmentation import build_segmentation_datasets
 from .errors import AdapterFileError, DataError
 from .io import refuse_overwrite, save_tensors
 from .model import load_adapter, merge, read_adapter_config
 from .train.device import check_precision, resolve_device
-from .train.loop import evaluate
+from .train.objectives import objective_for
 
 
 def evaluate_saved_adapter(
@@ -37,8 +38,9 @@ def evaluate_saved_adapter(
     limit = run.get("val_limit") if val_limit is None else val_limit
     if limit != run.get("val_limit"):
         warnings.append(f"--val-limit {val_limit} differs from the run's {run.get('val_limit')}: a different subset")
-    data_cfg = config["data"]
-    splits = build_datasets(
+    data_cfg, task = config["data"], config.get("task", "classification")
+    build = build_segmentation_datasets if task == "segmentation" else build_datasets
+    splits = build(
         source, image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"],
         val_fraction=run.get("val_fraction", 0.2), train_limit=run.get("train_limit"), val_limit=limit,
         augment=False, seed=run.get("train", {}).get("seed", config.get("seed", 0)),
@@ -50,9 +52,10 @@ def evaluate_saved_adapter(
     target = resolve_device(device)
     check_precision(target, precision)
     model = load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint).to(target)
-    metrics = evaluate(model, DataLoader(splits.val, batch_size=batch_size), progress=True, device=target,
-                       precision=precision)
-    return {**metrics, "images": len(splits.val), "data": source, "warnings": warnings}
+    objective = objective_for(task, splits.classes)
+    metrics = objective.evaluate(model, DataLoader(splits.val, batch_size=batch_size), progress=True, device=target,
+                                 precision=precision)
+    return {**metrics, "task": task, "images": len(splits.val), "data": source, "warnings": warnings}
 
 
 def _legacy_run_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +69,19 @@ def merge_saved_adapter(adapter: Path, out: Path, checkpoint, pretrained: bool, 
     config = read_adapter_config(adapter)
     plain = merge(load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint))
     save_tensors(plain.state_dict(), out, metadata={"format": "pt"})
+    if config.get("task", "classification") != "classification":
+        return dense_loading_call(config, out)
     return timm_loading_call(config["backbone"], config["num_classes"], out, config.get("backbone_options"))
+
+
+def dense_loading_call(config: dict[str, Any], file) -> str:
+    """The calls that load a merged dense model: its structure with a plain backbone ("full"), then the weights."""
+    options = f", backbone_options={config['backbone_options']!r}" if config.get("backbone_options") else ""
+    return (
+        f"model = deltavision.create_model({config['backbone']!r}, 'full', {config['num_classes']}, "
+        f"task={config['task']!r}, head={config['head']!r}, pretrained=False{options}); "
+        f"model.load_state_dict(safetensors.torch.load_file({str(file)!r}))"
+    )
 
 
 def timm_loading_call(backbone: str, num_classes: int, file, backbone_options: dict | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Commands about methods and saved adapters: methods, params, eval, merge."""
+"""Commands about methods and saved adapters: methods, params, eval, predict, merge."""
 
 from __future__ import annotations
 
@@ -97,11 +97,50 @@ def evaluate_adapter(
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(metrics))
+    elif metrics["task"] == "segmentation":
+        table = Table("class", "IoU (%)")
+        for key, value in metrics.items():
+            if key.startswith("iou/"):
+                table.add_row(key[4:], "absent" if value != value else f"{value:.2f}")
+        console.print(table)
+        console.print(
+            f"mIoU {metrics['miou']:.2f}%, pixel accuracy {metrics['pixel_acc']:.2f}% on {metrics['images']} "
+            f"validation images of {metrics['data']}", highlight=False,
+        )
     else:
         console.print(
             f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on {metrics['images']} validation images "
             f"of {metrics['data']}", highlight=False,
         )
+
+
+@app.command()
+def predict(
+    adapter: Path = typer.Argument(..., help="Adapter folder written by `deltavision train`."),
+    images: List[Path] = typer.Argument(..., help="Image files to predict."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the overlay PNGs (segmentation; required there)."),
+    top: int = typer.Option(3, min=1, help="Classification: how many classes to show per image."),
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Predict image files: the top classes of a classifier, or a segmentation overlay PNG per image
+    (class colours over the image, with a legend) in --out."""
+    from ..predict import predict_images
+
+    results = predict_images(adapter, images, out, top=top, pretrained=pretrained, checkpoint=checkpoint,
+                             device=device)
+    if as_json:
+        print(json.dumps(results))
+        return
+    for result in results:
+        if "overlay" in result:
+            shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in result["classes"].items())
+            console.print(f"{result['image']}: {result['overlay']} ({shares})", highlight=False, soft_wrap=True)
+        else:
+            guesses = ", ".join(f"{name} {100 * p:.1f}%" for name, p in result["top"])
+            console.print(f"{result['image']}: {guesses}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -112,10 +151,12 @@ def merge(
     pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
-    """Fold an adapter into its backbone: a plain timm state dict, loadable without deltavision."""
+    """Fold an adapter into its backbone: a plain timm state dict, loadable without deltavision
+    (segmentation: the model with a plain timm backbone, loadable as printed)."""
     from ..inference import merge_saved_adapter
 
     snippet = merge_saved_adapter(adapter, out, checkpoint, pretrained, overwrite)
-    console.print(f"wrote {out}; load it with plain timm:\n  {snippet}", soft_wrap=True, highlight=False)
+    how = "with plain timm" if snippet.startswith("timm.") else "with deltavision (plain timm backbone, no adapter)"
+    console.print(f"wrote {out}; load it {how}:\n  {snippet}", soft_wrap=True, highlight=False)
 
 
