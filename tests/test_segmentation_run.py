@@ -128,3 +128,20 @@ def test_merged_segmentation_file_loads_with_the_printed_calls(tmp_path):
     merged = namespace["model"].eval()
     assert (merged(images) - reference(images)).abs().max().item() <= 1e-4
     assert not any("lora" in k for k in load_file(str(target)))
+
+
+def test_params_counts_the_segmentation_head():
+    name, opts = TINY["convnext"]
+    backbone_opts = [f"--backbone-opt={k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in opts.items()]
+
+    def counts(*extra):
+        result = runner.invoke(app, ["params", "--backbone", name, "--method", "lora", "--num-classes", "5",
+                                     *backbone_opts, "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return __import__("json").loads(result.output)
+
+    fpn, upernet = counts("--task", "segmentation", "--head", "fpn"), counts("--task", "segmentation")
+    model = deltavision.create_model(name, "lora", 5, pretrained=False, backbone_options=opts, task="segmentation",
+                                     head="fpn")
+    assert fpn["trainable"] == deltavision.count_parameters(model)["trainable"] and fpn["task"] == "segmentation"
+    assert upernet["trainable"] > fpn["trainable"] > counts()["trainable"]

@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from .common import (
-    BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, OPT_HELP, PRECISION_HELP,
+    BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, HEAD_HELP, OPT_HELP, PRECISION_HELP,
+    TASK_HELP,
     _backbone_options, _options, app, console, err_console,
 )
 
@@ -55,6 +56,8 @@ def params(
     num_classes: int = typer.Option(..., min=1, help="Classes of the new head."),
     opt: Optional[List[str]] = typer.Option(None, help=OPT_HELP),
     backbone_opt: Optional[List[str]] = typer.Option(None, help=BACKBONE_OPT_HELP),
+    task: str = typer.Option("classification", help=TASK_HELP),
+    head: Optional[str] = typer.Option(None, help=HEAD_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
     """Count trainable and total parameters (builds the model with random weights; no download)."""
@@ -62,12 +65,12 @@ def params(
 
     model = create_model(
         backbone, method, num_classes, pretrained=False, backbone_options=_backbone_options(backbone_opt),
-        **_options(opt),
+        task=task, head=head, **_options(opt),
     )
     counts = count_parameters(model)
     counts["trainable_pct"] = round(100.0 * counts["trainable"] / counts["total"], 4)
     if as_json:
-        print(json.dumps({"backbone": backbone, "method": method, "num_classes": num_classes, **counts}))
+        print(json.dumps({"backbone": backbone, "method": method, "task": task, "num_classes": num_classes, **counts}))
     else:
         console.print(
             f"{backbone} + {method}: {counts['trainable']:,} trainable of {counts['total']:,} "
