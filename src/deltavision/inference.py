@@ -42,6 +42,7 @@ def evaluate_saved_adapter(
         source, image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"],
         val_fraction=run.get("val_fraction", 0.2), train_limit=run.get("train_limit"), val_limit=limit,
         augment=False, seed=run.get("train", {}).get("seed", config.get("seed", 0)),
+        data_options=run.get("data_options"),
     )
     if len(splits.classes) != config["num_classes"]:
         raise DataError(

@@ -27,7 +27,7 @@ STRUCTURED = (
 GROUPS = {"natural": NATURAL, "specialized": SPECIALIZED, "structured": STRUCTURED}
 TASKS = NATURAL + SPECIALIZED + STRUCTURED  # NOAH's folder names, in the papers' column order
 
-# Classes per task (NOAH's counts): a 1000-image training list need not show every class, so the
+# Classes per task (SSF paper, Table 8; NOAH's counts): a 1000-image training list need not show every class, so the
 # head's size comes from here rather than from the labels seen.
 NUM_CLASSES = {
     "cifar": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37, "svhn": 10,

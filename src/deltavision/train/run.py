@@ -50,6 +50,7 @@ class RunConfig:
     data: str
     out_dir: str
     options: dict[str, Any] = field(default_factory=dict)
+    data_options: dict[str, Any] = field(default_factory=dict)  # see deltavision.data.build_datasets
     image_size: int | None = None
     val_fraction: float = 0.2
     train_limit: int | None = None
@@ -162,7 +163,7 @@ def run_training(config: RunConfig) -> dict[str, Any]:
     splits = build_datasets(
         config.data, image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
         val_fraction=config.val_fraction, train_limit=config.train_limit, val_limit=config.val_limit,
-        augment=config.augment, seed=config.train.seed,
+        augment=config.augment, seed=config.train.seed, data_options=config.data_options,
     )
     if config.train.progress and int(os.environ.get("RANK", 0)) == 0:
         print(data_line(splits, config.data), flush=True)
