@@ -13,7 +13,7 @@ from conftest import TINY
 from deltavision.bench.published import GROUP_MEAN, PUBLISHED, TASK_MEAN, published_key
 from deltavision.bench.report import summary_columns
 from deltavision.bench.vtab import VtabConfig, chosen_tasks
-from deltavision.cli import app
+from deltavision.cli import app, main
 from deltavision.cli.bench import method_options
 from deltavision.data.vtab import GROUPS, TASKS
 from deltavision.errors import DataError, MethodOptionError
@@ -99,6 +99,18 @@ def test_missing_task_folders_are_named(tmp_path):
     assert chosen_tasks(VtabConfig(root=str(tmp_path), tasks=("dtd",))) == ("dtd",)
     with pytest.raises(DataError, match="Unknown VTAB-1k task.*cifar100"):
         chosen_tasks(VtabConfig(root=str(tmp_path), tasks=("cifar100",)))
+
+
+def test_cli_names_missing_task_folders_in_one_error_line(tmp_path, monkeypatch, capsys):
+    write_vtab_task(tmp_path, "dtd")
+    monkeypatch.setattr("sys.argv", ["deltavision", "bench", "vtab", "--root", str(tmp_path), "--tasks", "dtd,svhn"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: VTAB-1k task folder(s) missing") and lines[0].endswith(
+        ": svhn; add them, or choose the present ones with --tasks."
+    )
 
 
 @pytest.mark.parametrize("key", sorted(PUBLISHED))

@@ -21,6 +21,7 @@ from deltavision.errors import DataError
 # Datasets whose images hold text or digits, where a horizontal flip is no valid augmentation.
 NO_FLIP = frozenset({"MNIST", "EMNIST", "KMNIST", "QMNIST", "SVHN", "USPS", "RenderedSST2"})
 LABEL_ATTRIBUTES = ("targets", "labels", "_labels", "y")
+SOCKET_TIMEOUT_SECONDS = 30.0
 
 
 def dataset_class(name: str) -> type:
@@ -35,13 +36,26 @@ def dataset_class(name: str) -> type:
 
 
 def _construct(cls: type, root: Path, download: bool, **split: Any) -> Dataset:
-    """``cls(root, download=download, **split)``, a missing dataset turned into DataError saying how to get it."""
+    """``cls(root, download=download, **split)``, a missing dataset turned into DataError saying how to get it.
+
+    A download whose connection stalls fails after :data:`SOCKET_TIMEOUT_SECONDS` instead of hanging.
+    """
+    from deltavision.data.bundled import socket_timeout
+
     try:
-        return cls(str(root), download=download, **split)
+        with socket_timeout(SOCKET_TIMEOUT_SECONDS):
+            return cls(str(root), download=download, **split)
     except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
         hint = "check the folder" if download else f"pass --download to fetch it into {root}"
         raise DataError(f"torchvision {cls.__name__} is not in {root} ({error}); {hint}.") from error
-    except (OSError, ValueError) as error:
+    except OSError as error:
+        if download:
+            raise DataError(
+                f"Could not download torchvision {cls.__name__} into {root} ({error}); "
+                "check the network, or put its files there yourself."
+            ) from error
+        raise DataError(f"Cannot read torchvision {cls.__name__} from {root} ({error}).") from error
+    except ValueError as error:
         raise DataError(f"Cannot read torchvision {cls.__name__} from {root} ({error}).") from error
 
 
