@@ -211,3 +211,21 @@ def test_unknown_data_option_is_refused(tmp_path):
     task = write_vtab_task(tmp_path, "dtd")
     with pytest.raises(DataError, match="Unknown data option"):
         build_datasets(f"vtab:{task}", data_options={"imag_column": "x"}, **UNIT)
+
+
+def flips(dataset) -> bool:
+    """Whether a dataset's transform contains a random horizontal flip."""
+    from torchvision import transforms as T
+
+    return any(isinstance(step, T.RandomHorizontalFlip) for step in dataset.transform.transforms)
+
+
+def test_vtab_and_digit_sets_are_never_flipped_but_hub_images_are(tmp_path, mnist_root):
+    augmented = {**UNIT, "augment": True}
+    task = write_vtab_task(tmp_path, "dsprites_ori")  # a flip would change an orientation label
+    assert not flips(build_datasets(f"vtab:{task}", **augmented).train)
+    mnist = build_datasets("torchvision:MNIST", data_options={"data_root": str(mnist_root)}, **augmented)
+    assert not flips(mnist.train)
+    saved = tmp_path / "saved"
+    hub_dataset(6).save_to_disk(str(saved))
+    assert flips(build_datasets(str(saved), **augmented).train)
