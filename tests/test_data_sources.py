@@ -229,3 +229,17 @@ def test_vtab_and_digit_sets_are_never_flipped_but_hub_images_are(tmp_path, mnis
     saved = tmp_path / "saved"
     hub_dataset(6).save_to_disk(str(saved))
     assert flips(build_datasets(str(saved), **augmented).train)
+
+
+def test_mist_edge_reads_hub_images_as_png_items(tmp_path):
+    import io
+
+    from deltavision.mist.edge.client import labelled_images
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": hub_dataset(6), "test": hub_dataset(3)}).save_to_disk(str(saved))
+    images = labelled_images(str(saved))
+    assert images.classes == CLASSES and (len(images.train), len(images.val)) == (6, 3)
+    for index, item in enumerate(images.val):
+        pixels = np.asarray(Image.open(io.BytesIO(item.encoded)))
+        assert item.label == index % 3 and pixels[0, 0].tolist() == [40 * (index % 3), index, 7]

@@ -97,11 +97,11 @@ def markdown_table(rows: list[dict[str, Any]], tasks: list[str], title: str) -> 
 
 def footer(rows: list[dict[str, Any]], tasks: list[str]) -> str:
     """How the means are taken, and what each cited paper prints for the whole benchmark."""
-    lines = [
+    lines = [(
         f"Top-1 (%) per task; group means over the tasks of each group present here ({len(tasks)} of {len(TASKS)}); "
         "'Mean' averages the tasks (SSF's convention), 'Mean of groups' averages the group means (MIST's). "
         "Published rows are averaged over the same tasks as ours."
-    ]
+    )]
     for row in rows:
         if row["source"] == "ours":
             continue

@@ -7,7 +7,15 @@ from typing import List, Optional
 
 import typer
 
-from .common import BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DEVICE_HELP, PRECISION_HELP, _backbone_options, console
+from .common import (
+    BACKBONE_HELP,
+    BACKBONE_OPT_HELP,
+    CHECKPOINT_HELP,
+    DEVICE_HELP,
+    PRECISION_HELP,
+    _backbone_options,
+    console,
+)
 
 bench_app = typer.Typer(help="Benchmarks with the papers' protocols (VTAB-1k).", no_args_is_help=True)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from deltavision.data.bundled import BUNDLED_LOADERS, bundled_name
 from deltavision.data import hub, torchvision_sets, vtab
+from deltavision.data.bundled import BUNDLED_LOADERS, bundled_name
 from deltavision.data.datasets import ArrayImageDataset, FetchedImageDataset, ImageFileDataset
 from deltavision.data.folder import check_image_files, scan_image_folder
 from deltavision.data.sampling import stratified_split, stratified_subset
