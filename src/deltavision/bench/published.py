@@ -42,6 +42,10 @@ class PublishedRow:
     printed_mean: float
     mean_convention: str
 
+    def printed(self) -> str:
+        """The mean as the paper prints it: two decimals in SSF's table, one in MIST's."""
+        return f"{self.printed_mean:.2f}" if self.mean_convention == TASK_MEAN else f"{self.printed_mean:.1f}"
+
     def top1(self) -> dict[str, float]:
         """Task folder name -> published top-1."""
         return dict(zip(TASKS, self.per_task))

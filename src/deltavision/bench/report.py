@@ -106,7 +106,7 @@ def footer(rows: list[dict[str, Any]], tasks: list[str]) -> str:
         if row["source"] == "ours":
             continue
         paper = next(p for p in PUBLISHED.values() if p.label == row["method"])
-        lines.append(f"- {paper.label}: {paper.source}, row '{paper.row}'; the paper prints {paper.printed_mean:.2f} "
+        lines.append(f"- {paper.label}: {paper.source}, row '{paper.row}'; the paper prints {paper.printed()} "
                      f"({paper.mean_convention}, all 19 tasks).")
     return "\n".join(lines)
 
@@ -134,10 +134,12 @@ def plot_vtab(rows: list[dict[str, Any]], tasks: list[str], path: Path, title: s
         ours = row["source"] == "ours"
         colour = next(colours) if ours else colour
         values = [row.get(task) for task in tasks]
-        ax.plot(positions, values, "o" if ours else "x", color=colour, linestyle="-" if ours else ":",
+        ax.plot(positions, values, "o" if ours else "x", color=colour, linestyle="none", markersize=7,
                 label=f"{row['method']} ({'ours' if ours else 'published'})")
     ax.set_xticks(list(positions), [SHORT_NAMES[task] for task in tasks], rotation=60, ha="right")
-    ax.set(ylabel="top-1 (%)", title=title)
+    ax.margins(x=0.1)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, path)
