@@ -39,12 +39,15 @@ def evaluate_saved_adapter(
     if limit != run.get("val_limit"):
         warnings.append(f"--val-limit {val_limit} differs from the run's {run.get('val_limit')}: a different subset")
     data_cfg, task = config["data"], config.get("task", "classification")
-    build = build_segmentation_datasets if task == "segmentation" else build_datasets
-    splits = build(
-        source, image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"],
+    common = dict(
+        image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"],
         val_fraction=run.get("val_fraction", 0.2), train_limit=run.get("train_limit"), val_limit=limit,
         augment=False, seed=run.get("train", {}).get("seed", config.get("seed", 0)),
     )
+    if task == "segmentation":
+        splits = build_segmentation_datasets(source, **common)
+    else:
+        splits = build_datasets(source, data_options=run.get("data_options"), **common)
     if len(splits.classes) != config["num_classes"]:
         raise DataError(
             f"{source} has {len(splits.classes)} classes but the adapter was trained for {config['num_classes']}"

@@ -53,6 +53,7 @@ class RunConfig:
     options: dict[str, Any] = field(default_factory=dict)
     task: str = "classification"
     head: str | None = None  # dense tasks: the head ("upernet" by default for segmentation)
+    data_options: dict[str, Any] = field(default_factory=dict)  # see deltavision.data.build_datasets
     image_size: int | None = None
     val_fraction: float = 0.2
     train_limit: int | None = None
@@ -210,18 +211,18 @@ def run_training(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def build_task_datasets(config: RunConfig, data_cfg: dict, augment: bool | None = None, val_limit="run"):
-    """The run's train and validation splits for its task (``val_limit`` "run": the run's own)."""
+def build_task_datasets(config: RunConfig, data_cfg: dict):
+    """The run's train and validation splits for its task."""
     from ..data import build_datasets
     from ..data.segmentation import build_segmentation_datasets
 
-    build = build_segmentation_datasets if config.task == "segmentation" else build_datasets
-    return build(
-        config.data, image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
-        val_fraction=config.val_fraction, train_limit=config.train_limit,
-        val_limit=config.val_limit if val_limit == "run" else val_limit,
-        augment=config.augment if augment is None else augment, seed=config.train.seed,
+    common = dict(
+        image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"], val_fraction=config.val_fraction,
+        train_limit=config.train_limit, val_limit=config.val_limit, augment=config.augment, seed=config.train.seed,
     )
+    if config.task == "segmentation":
+        return build_segmentation_datasets(config.data, **common)
+    return build_datasets(config.data, data_options=config.data_options, **common)
 
 
 def data_line(splits, source: str) -> str:
