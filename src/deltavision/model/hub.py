@@ -199,7 +199,7 @@ def _summary_text(config: dict[str, Any]) -> str:
     return (
         f"A **{config['method']}** adapter for the timm backbone `{config['backbone']}` with a "
         f"{config['num_classes']}-class head, trained with "
-        f"[deltavision](https://pypi.org/project/deltavision/) {config.get('deltavision_version', VERSION)}. "
+        f"deltavision {config.get('deltavision_version', VERSION)}. "
         "The repository holds only the trained tensors (`deltavision.safetensors`) and their config "
         "(`deltavision.json`); the backbone's own weights come from timm."
     )
