@@ -7,7 +7,6 @@ stand-in for ``HfApi`` that records what would be uploaded; the uploaded files
 are then placed in the cache and the model card's own loading snippet is run.
 """
 
-import hashlib
 import os
 import re
 import shutil
@@ -19,7 +18,6 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 import torch
-from huggingface_hub import constants
 from typer.testing import CliRunner
 
 import deltavision as dv
@@ -29,7 +27,7 @@ from deltavision.model import count_parameters, read_adapter_config
 from deltavision.model.hub import push_adapter
 from deltavision.train import RunConfig, TrainConfig, run_training
 
-from conftest import TINY, random_images, tiny_model
+from conftest import TINY, place_in_cache, random_images, tiny_model
 
 REPO = "deltavision-tests/tiny-vit-ssf"
 
@@ -44,29 +42,6 @@ def tiny_run(tmp_path_factory, digits_folder):
         pretrained=False, backbone_options=opts, train=TrainConfig(epochs=2, batch_size=32, progress=False),
     ))
     return out
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty hub cache that huggingface_hub (this process and its subprocesses) uses."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read at import time, so patched here
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    return cache
-
-
-def place_in_cache(cache, repo_id, folder, revision="main"):
-    """Put the files of ``folder`` into ``cache`` as a snapshot of ``repo_id`` at ``revision``; return its commit."""
-    digest = hashlib.sha1()
-    for path in sorted(folder.iterdir()):
-        digest.update(path.name.encode() + path.read_bytes())
-    commit = digest.hexdigest()
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)
-    return commit
 
 
 def logits(model, seed=0):
