@@ -7,6 +7,7 @@ stand-in for ``HfApi`` that records what would be uploaded; the uploaded files
 are then placed in the cache and the model card's own loading snippet is run.
 """
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import deltavision as dv
@@ -27,7 +29,7 @@ from deltavision.model import count_parameters, read_adapter_config
 from deltavision.model.hub import push_adapter
 from deltavision.train import RunConfig, TrainConfig, run_training
 
-from conftest import TINY, place_in_cache, random_images, tiny_model
+from conftest import TINY, place_in_cache, plain_tiny, random_images, tiny_model
 
 REPO = "deltavision-tests/tiny-vit-ssf"
 
@@ -251,3 +253,19 @@ def test_help_of_adapter_commands_explains_the_adapter_argument(command):
     assert result.exit_code == 0, result.output
     unwrapped = re.sub(r"\s+", "", result.output)  # help wraps lines, even inside an id
     assert ("hf-hub:org/name[@revision]" in unwrapped) == (command != "push")
+
+
+def test_cli_eval_and_merge_take_an_hf_hub_id(tiny_run, hub_cache, tmp_path):
+    place_in_cache(hub_cache, REPO, tiny_run / "adapter")
+    runner = CliRunner()
+    scored = runner.invoke(app, ["eval", f"hf-hub:{REPO}", "--no-pretrained", "--json"])
+    assert scored.exit_code == 0, scored.output
+    header, *rows = (tiny_run / "log.csv").read_text().strip().splitlines()
+    logged = dict(zip(header.split(","), rows[-1].split(",")))
+    assert json.loads(scored.output.strip().splitlines()[-1])["top1"] == pytest.approx(float(logged["top1"]))
+    out = tmp_path / "merged.safetensors"
+    merged = runner.invoke(app, ["merge", f"hf-hub:{REPO}", "--no-pretrained", "--out", str(out)])
+    assert merged.exit_code == 0, merged.output
+    plain = plain_tiny("vit", 10)
+    plain.load_state_dict(load_file(str(out)))
+    assert torch.allclose(logits(plain), logits(dv.load_adapter(tiny_run / "adapter", pretrained=False)), atol=1e-5)

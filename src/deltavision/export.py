@@ -54,15 +54,16 @@ def export_adapter(
     The input size is ``image_size``, else the run's, else the backbone's.
     Raises :class:`ExportError` if the export fails or does not match PyTorch.
     """
-    from .model import load_adapter, merge, read_adapter_config
     from .methods import get_method
+    from .model import load_adapter, merge, read_adapter_config, resolve_adapter
 
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
     refuse_overwrite(out, overwrite)
-    config = read_adapter_config(adapter)
-    model = load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint)
+    folder = resolve_adapter(adapter)
+    config = read_adapter_config(folder)
+    model = load_adapter(folder, pretrained=pretrained, checkpoint=checkpoint)
     merged = get_method(config["method"]).folds
     if merged:
         model = merge(model)
