@@ -233,6 +233,16 @@ def test_push_refuses_an_adapter_that_does_not_load_and_uploads_nothing(tiny_run
     assert recording_api.calls == []
 
 
+@pytest.mark.parametrize("repo,pattern", [
+    ("org/name@dev", r"the repository is org/name, not org/name@dev; a branch goes in revision"),
+    ("not a repo", r"is not a hub id of the form"),
+])
+def test_push_refuses_a_malformed_repository_name(repo, pattern, tiny_run, recording_api):
+    with pytest.raises(HubError, match=pattern):
+        push_adapter(tiny_run / "adapter", repo)
+    assert recording_api.calls == []
+
+
 def test_push_offline_gives_one_clear_error(tiny_run):
     """The real HfApi with HF_HUB_OFFLINE=1 (conftest): the request is refused before any network use."""
     with pytest.raises(HubError, match=rf"^could not push to {REPO}: .*HF_TOKEN\)$"):

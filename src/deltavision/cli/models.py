@@ -161,7 +161,9 @@ def push(
     repo: str = typer.Option(..., help="Hub repository org/name (created if missing)."),
     private: bool = typer.Option(False, help="Create the repository as private."),
     revision: Optional[str] = typer.Option(None, help="Branch to commit to [default: main]."),
-    token: Optional[str] = typer.Option(None, help="Hub token [default: the HF_TOKEN variable or `hf auth login`'s]."),
+    token: Optional[str] = typer.Option(None, help=(
+        "Hub token [default: the HF_TOKEN variable or `hf auth login`'s, which keep it out of shell history]."
+    )),
     message: Optional[str] = typer.Option(None, help="Commit message."),
 ) -> None:
     """Upload an adapter to the Hugging Face Hub with a generated model card (backbone, method, options, trainable

@@ -123,7 +123,8 @@ def push_adapter(
 
     if is_hub_id(adapter):
         raise HubError(f"push takes a local adapter folder, not {adapter}")
-    parse_hub_id(HUB_PREFIX + repo_id)
+    if parse_hub_id(HUB_PREFIX + repo_id)[1] is not None:
+        raise HubError(f"the repository is org/name, not {repo_id}; a branch goes in revision (--revision)")
     folder = Path(adapter)
     config, counts = _checked_adapter(folder)
     run_files = [folder.parent / name for name in RUN_FILES if (folder.parent / name).is_file()]
