@@ -11,7 +11,7 @@ from .data import build_datasets
 from .data.segmentation import build_segmentation_datasets
 from .errors import AdapterFileError, DataError
 from .io import refuse_overwrite, save_tensors
-from .model import load_adapter, merge, read_adapter_config
+from .model import load_adapter, merge, read_adapter_config, resolve_adapter
 from .train.device import check_precision, resolve_device
 from .train.objectives import objective_for
 
@@ -25,8 +25,9 @@ def evaluate_saved_adapter(
     The split is rebuilt from the run's resolved settings (source, seed,
     validation fraction, limits, input size, normalisation). ``data`` or
     ``val_limit`` other than the run's change what is scored: the result then
-    carries a ``warning`` saying how.
+    carries a ``warning`` saying how. ``adapter`` may be an ``hf-hub:`` id.
     """
+    adapter = resolve_adapter(adapter)
     config = read_adapter_config(adapter)
     run = config.get("run") or _legacy_run_settings(config)
     if not run.get("data") or not config.get("data"):
@@ -69,6 +70,7 @@ def _legacy_run_settings(config: dict[str, Any]) -> dict[str, Any]:
 def merge_saved_adapter(adapter: Path, out: Path, checkpoint, pretrained: bool, overwrite: bool) -> str:
     """Write the folded model's full state dict; return the timm call that loads it."""
     refuse_overwrite(out, overwrite)
+    adapter = resolve_adapter(adapter)
     config = read_adapter_config(adapter)
     plain = merge(load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint))
     save_tensors(plain.state_dict(), out, metadata={"format": "pt"})

@@ -13,17 +13,19 @@ from .data.images import load_rgb_image
 from .errors import AdapterFileError
 from .io import atomic_write, ensure_writable_dir
 from .model import load_adapter, read_adapter_config
+from .model.hub import resolve_adapter
 from .train.device import resolve_device
 
 OVERLAY_ALPHA = 0.5
 
 
 def predict_images(
-    adapter: Path, images: list[Path], out: Path | None = None, *, top: int = 3, pretrained: bool = True,
+    adapter: str | Path, images: list[Path], out: Path | None = None, *, top: int = 3, pretrained: bool = True,
     checkpoint=None, device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """One dict per image: the top classes (classification), or the pixel share of each class and the
     overlay PNG written to ``out`` (segmentation)."""
+    adapter = resolve_adapter(adapter)  # a folder, or an hf-hub: id fetched once
     config = read_adapter_config(adapter)
     if "data" not in config or "classes" not in config:
         raise AdapterFileError(f"{adapter} does not record its input size and classes; train it with `deltavision train`")

@@ -31,6 +31,10 @@ DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 PRECISION_HELP = "fp32, bf16 (autocast; works on CPUs too) or fp16 (autocast + gradient scaling; GPUs only)."
 BACKBONE_OPT_HELP = "timm keyword argument as key=value (repeatable), e.g. --backbone-opt drop_path_rate=0.1."
 CHECKPOINT_HELP = "Local backbone weights (.safetensors/.pth) instead of the hub; needed offline."
+ADAPTER_HELP = (
+    "Adapter folder written by `deltavision train` (e.g. runs/flowers/adapter), or a Hugging Face Hub id "
+    "hf-hub:org/name[@revision] (downloaded once into the hub cache; offline, the cached copy is used)."
+)
 DATA_HELP = (
     "An image folder (train/ and val/ subfolders, or class folders to split); fashion-mnist, mnist5k, digits; "
     "hf:NAME[:CONFIG] (Hugging Face datasets; also a save_to_disk folder or a .parquet file); "

@@ -1,4 +1,8 @@
-"""Commands about methods and saved adapters: methods, params, eval, predict, merge."""
+"""Commands about methods and saved adapters: methods, params, eval, predict, merge, export, push.
+
+Every command that takes an adapter accepts a folder or a Hugging Face Hub id
+(``hf-hub:org/name[@revision]``, fetched once into the hub cache).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,8 @@ import typer
 from rich.table import Table
 
 from .common import (
-    BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, HEAD_HELP, OPT_HELP, PRECISION_HELP,
-    TASK_HELP,
+    ADAPTER_HELP, BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, HEAD_HELP, OPT_HELP,
+    PRECISION_HELP, TASK_HELP,
     _backbone_options, _options, app, console, err_console,
 )
 
@@ -82,7 +86,7 @@ def params(
 
 @app.command("eval")
 def evaluate_adapter(
-    adapter: Path = typer.Argument(..., help="Adapter folder written by `deltavision train`."),
+    adapter: str = typer.Argument(..., help=ADAPTER_HELP),
     data: Optional[str] = typer.Option(None, help=DATA_HELP + " [default: the training data]"),
     batch_size: int = typer.Option(64, min=1),
     val_limit: Optional[int] = typer.Option(None, min=1),
@@ -119,7 +123,7 @@ def evaluate_adapter(
 
 @app.command()
 def predict(
-    adapter: Path = typer.Argument(..., help="Adapter folder written by `deltavision train`."),
+    adapter: str = typer.Argument(..., help=ADAPTER_HELP),
     images: List[Path] = typer.Argument(..., help="Image files to predict."),
     out: Optional[Path] = typer.Option(None, help="Folder for the overlay PNGs (segmentation; required there)."),
     top: int = typer.Option(3, min=1, help="Classification: how many classes to show per image."),
@@ -148,7 +152,7 @@ def predict(
 
 @app.command()
 def merge(
-    adapter: Path = typer.Argument(..., help="Adapter folder of a method that folds (ssf, lora and the baselines)."),
+    adapter: str = typer.Argument(..., help=ADAPTER_HELP + " Its method must fold (ssf, lora and the baselines)."),
     out: Path = typer.Option(..., help="Output .safetensors file of the plain timm model."),
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
     pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
@@ -163,3 +167,54 @@ def merge(
     console.print(f"wrote {out}; load it {how}:\n  {snippet}", soft_wrap=True, highlight=False)
 
 
+@app.command("export")
+def export_model(
+    adapter: str = typer.Argument(..., help=ADAPTER_HELP),
+    out: Path = typer.Option(..., help="Output file, e.g. model.onnx or model.pt (written atomically)."),
+    format: str = typer.Option("onnx", "--format", help="onnx (run it with onnxruntime) or torchscript (torch.jit.load)."),
+    image_size: Optional[int] = typer.Option(
+        None, min=8, help="Input height and width [default: the run's, else the backbone's]."
+    ),
+    tolerance: float = typer.Option(
+        1e-4, min=0.0, help="Largest logit difference from PyTorch accepted when the written file is checked."
+    ),
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Export an adapter's model with a dynamic batch axis: methods that fold (ssf, lora, the baselines) as the
+    plain merged timm graph, the others (mona, houlsby, adaptformer, e3va, vpt) with their modules. The written
+    file is run on a fresh batch and compared with PyTorch; one that differs by more than --tolerance is not kept."""
+    from ..export import export_adapter
+
+    result = export_adapter(
+        adapter, out, format, image_size=image_size, pretrained=pretrained, checkpoint=checkpoint,
+        tolerance=tolerance, overwrite=overwrite,
+    )
+    graph = "merged plain timm graph" if result.merged else "with the method's modules"
+    console.print(
+        f"wrote {result.path} ({result.format}, {graph}, input N x 3 x {result.image_size} x {result.image_size}); "
+        f"max logit difference from PyTorch {result.max_difference:.2e}",
+        soft_wrap=True, highlight=False,
+    )
+
+
+@app.command()
+def push(
+    adapter: Path = typer.Argument(..., help="Adapter folder written by `deltavision train` (e.g. runs/flowers/adapter)."),
+    repo: str = typer.Option(..., help="Hub repository org/name (created if missing)."),
+    private: bool = typer.Option(False, help="Create the repository as private."),
+    revision: Optional[str] = typer.Option(None, help="Branch to commit to [default: main]."),
+    token: Optional[str] = typer.Option(None, help=(
+        "Hub token [default: the HF_TOKEN variable or `hf auth login`'s, which keep it out of shell history]."
+    )),
+    message: Optional[str] = typer.Option(None, help="Commit message."),
+) -> None:
+    """Upload an adapter to the Hugging Face Hub with a generated model card (backbone, method, options, trainable
+    parameters, the run's metrics and curves, how to load it). The run's log.csv and curves.png are uploaded
+    too when they sit next to the adapter folder. Load it back with dv.load_adapter("hf-hub:org/name")."""
+    from ..model.hub import push_adapter
+
+    url = push_adapter(adapter, repo, private=private, revision=revision, token=token, commit_message=message)
+    console.print(f"pushed {adapter} to {repo}: {url}", soft_wrap=True, highlight=False, markup=False)
+    console.print(f'load it with dv.load_adapter("hf-hub:{repo}")', soft_wrap=True, highlight=False, markup=False)
