@@ -274,7 +274,40 @@ NO_TIMM_SCRIPT = textwrap.dedent(
                                   fit=FitConfig(epochs=2, select_epochs=1, progress=False)))
     model = load_edge(out)
     logits = model(store.read(summary["k"], "float16", names[:3]))
+
+    # segmentation: a tiny images/ + masks/ folder read and its masks stored on the edge, then an offline fit
+    import numpy as np
+    from pathlib import Path
+    from PIL import Image
+    from deltavision.mist.edge.masks import segmented_images, store_masks
+
+    folder = Path(sys.argv[4])
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    (folder / "classes.txt").write_text(chr(10).join(["background", "square"]))
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        mask = np.zeros((20, 20), np.uint8)
+        mask[5:15, 5:15] = 1
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"{i}.png")
+    images = segmented_images(folder, val_fraction=0.3)
+    seg_root, seg_out = sys.argv[5], sys.argv[6]
+    seg_store = FeatureStore(seg_root, "fp-seg")
+    digests = [item.digest for item in images.train + images.val]
+    seg_store.write_shard(4, "float16", digests, torch.randn(len(digests), 17, 16, generator=generator).half(), None)
+    store_masks(seg_store, images, digests, 32, progress=False)
+    seg_service = {**service, "fingerprint": "fp-seg", "image_size": 32, "feature_shape": [17, 16], "ks": [4],
+                   "num_blocks": 4, "grid": [4, 4], "num_prefix_tokens": 1}
+    seg_store.write_manifest({"task": "segmentation", "classes": images.classes, "service": seg_service,
+                              "train": [i.digest for i in images.train], "val": [i.digest for i in images.val]})
+    seg = fit_edge(FitOptions(out=seg_out, cache=seg_root, offline=True, task="segmentation", k="4", dtype="float16",
+                              fit=FitConfig(epochs=1, batch_size=4, progress=False)))
+    seg_logits = load_edge(seg_out)(seg_store.read(4, "float16", digests[:2]))
+    seg_log = (Path(seg_out) / "log.csv").read_text().splitlines()[0].split(",")
     print(json.dumps({"applied": applied, "k": summary["k"], "scores": summary["k_scores"], "shape": list(logits.shape),
+                      "seg_shape": list(seg_logits.shape), "seg_log": seg_log, "seg_miou": seg["miou"],
+                      "seg_data": "deltavision.data.segmentation" in sys.modules,
                       "timm": sorted(m for m in sys.modules if m == "timm" or m.startswith("timm.")),
                       "server": sorted(m for m in sys.modules if m.startswith("deltavision.mist.server")),
                       "building": sorted(m for m in sys.modules if m in ("deltavision.model.build", "deltavision.methods",
@@ -285,10 +318,12 @@ NO_TIMM_SCRIPT = textwrap.dedent(
 
 
 def test_edge_trains_and_predicts_offline_without_timm(tmp_path):
-    """A fresh interpreter where importing timm fails fits (with k selection), saves, loads and predicts."""
+    """A fresh interpreter where importing timm fails fits (with k selection), saves, loads and predicts;
+    then reads a segmentation folder, stores its masks and fits, saves and runs a segmentation edge network."""
     package_dir = str(Path(deltavision.__file__).parent)
     result = subprocess.run(
-        [sys.executable, "-c", NO_TIMM_SCRIPT, package_dir, str(tmp_path / "cache"), str(tmp_path / "edge")],
+        [sys.executable, "-c", NO_TIMM_SCRIPT, package_dir, str(tmp_path / "cache"), str(tmp_path / "edge"),
+         str(tmp_path / "scenes"), str(tmp_path / "seg-cache"), str(tmp_path / "seg-edge")],
         capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -298,6 +333,8 @@ def test_edge_trains_and_predicts_offline_without_timm(tmp_path):
     assert report["k"] in (1, 2) and set(report["scores"]) == {"1", "2"}
     assert report["shape"] == [3, 2]
     assert report["applied"] is sys.platform.startswith("linux")
+    assert report["seg_shape"] == [2, 2, 32, 32] and report["seg_data"] is True
+    assert {"miou", "pixel_acc", "iou/background", "iou/square"} <= set(report["seg_log"]) and report["seg_miou"] >= 0
 
 
 # --- damaged or tampered feature caches -----------------------------------------------------------
