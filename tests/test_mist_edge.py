@@ -671,7 +671,7 @@ def test_segmentation_edge_learns_and_logs_miou_per_epoch(tmp_path):
     before = evaluate_segmentation_edge(model, val)
     config = FitConfig(epochs=4, batch_size=8, lr=1e-2, progress=False, warmup_epochs=0.5)
     history = train_segmentation_edge(model, train_set, val, config, tmp_path / "run")
-    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").read_text().splitlines()))
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4]
     assert {"miou", "pixel_acc", "iou/a", "iou/b", "iou/c"} <= set(rows[0])
     assert float(rows[-1]["miou"]) == pytest.approx(history[-1]["miou"])

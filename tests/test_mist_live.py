@@ -345,7 +345,7 @@ def test_segmentation_edge_end_to_end_without_timm_or_backbone_weights(server, t
     config = read_edge_config(out)
     assert config.task == "segmentation" and config.grid == [4, 4] and config.num_prefix_tokens == 1
     assert config.image_size == 32 and set(config.training["k_scores"]) == {"1", "2", "3", "4"}
-    rows = list(csv.DictReader(open(out / "log.csv")))
+    rows = list(csv.DictReader((out / "log.csv").read_text().splitlines()))
     assert [row["epoch"] for row in rows] == ["1", "2", "3"]
     assert {"miou", "pixel_acc", "iou/background", "iou/red", "iou/blue"} <= set(rows[0])
     assert float(rows[-1]["miou"]) == pytest.approx(config.training["miou"])
