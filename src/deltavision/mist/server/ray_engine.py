@@ -88,10 +88,13 @@ class FeatureReplica:
     """One Ray Serve replica: a feature service and its FastAPI app."""
 
     def __init__(self, spec: ReplicaSpec):
+        from ...memory import release_large_blocks
+
         if spec.threads:
             import torch
 
             torch.set_num_threads(spec.threads)
+        release_large_blocks()  # as the uvicorn engine does: decoded images go back to the system when freed
         self.service = build_service(
             spec.backbone, spec.config, checkpoint=spec.checkpoint, pretrained=spec.pretrained,
             image_size=spec.image_size, backbone_options=spec.backbone_options or None, device=spec.device,
