@@ -458,3 +458,27 @@ def _wait_for(condition, seconds: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"condition not met within {seconds} s"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("first, retried", [((500, "text/plain", b"Internal Server Error"), True),
+                                            ((500, "application/json", b'{"error": {"code": "internal_error", "message": "x"}}'), False),
+                                            ((503, "text/plain", b"no replica"), True)])  # fmt: skip
+def test_client_retries_a_500_only_when_it_is_not_the_services_own_error(first, retried):
+    """Ray's proxy answers a plain 500 for requests a dying replica held: sent again; the service's JSON 500 is not."""
+    from deltavision.mist.edge.client import ServiceError
+
+    answers = [httpx.Response(first[0], headers={"content-type": first[1]}, content=first[2]),
+               httpx.Response(200, json={"backbone": VIT})]  # fmt: skip
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return answers[len(sent) - 1]
+
+    client = FeatureClient("http://service", TOKEN, transport=httpx.MockTransport(handler), sleep=lambda _: None)
+    if retried:
+        assert client.info() == {"backbone": VIT} and len(sent) == 2
+    else:
+        with pytest.raises(ServiceError, match="500"):
+            client.info()
+        assert len(sent) == 1
