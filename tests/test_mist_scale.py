@@ -347,7 +347,6 @@ CLIENTS, BATCH = 12, 4
 @pytest.fixture(scope="module")
 def digits120(tmp_path_factory) -> list:
     """120 real sklearn digits as PNG files (distinct bytes), as edge client items."""
-    import numpy as np
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -375,7 +374,8 @@ def test_replica_and_redis_killed_under_load_lose_nothing(ray_service, shared_re
         with pytest.raises(Interrupted):
             download_features(client, resumed_store, items, [4], "float16", batch_size=BATCH, progress=False,
                               on_shard=stop_after_three)  # fmt: skip
-    kept_before = set(items[i].digest for i in range(len(items))) - set(resumed_store.missing([i.digest for i in items], [4], "float16"))
+    digests = [item.digest for item in items]
+    kept_before = set(digests) - set(resumed_store.missing(digests, [4], "float16"))
     assert len(kept_before) == 3 * BATCH
 
     statuses: dict[int, int] = {}
@@ -413,7 +413,10 @@ def test_replica_and_redis_killed_under_load_lose_nothing(ray_service, shared_re
     for thread in threads:
         thread.start()
     total = CLIENTS * len(items) // BATCH
-    answered = lambda: statuses.get(200, 0)  # noqa: E731
+
+    def answered() -> int:
+        return statuses.get(200, 0)
+
     _wait_for(lambda: answered() >= total * 0.25, 120)
     os.kill(before[0], signal.SIGKILL)  # a replica dies mid-load
     killed_at = answered()
@@ -429,7 +432,6 @@ def test_replica_and_redis_killed_under_load_lose_nothing(ray_service, shared_re
     assert killed_at < total and redis_killed_at < total  # both faults hit while requests were still coming
 
     wrong = lost = 0
-    digests = [item.digest for item in items]
     expected = {}
     for start in range(0, len(items), 30):
         chunk = items[start:start + 30]
@@ -482,3 +484,15 @@ def test_client_retries_a_500_only_when_it_is_not_the_services_own_error(first, 
         with pytest.raises(ServiceError, match="500"):
             client.info()
         assert len(sent) == 1
+
+
+def test_replica_options_become_ray_serve_deployment_options():
+    from deltavision.mist.server.ray_engine import Scaling
+
+    fixed = Scaling(replicas=2, gpus_per_replica=0.5).deployment_options()
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    scaled = Scaling(replicas=2, min_replicas=1, max_replicas=4).deployment_options()
+    assert "num_replicas" not in scaled
+    bounds = {key: scaled["autoscaling_config"][key] for key in ("min_replicas", "max_replicas", "initial_replicas")}
+    assert bounds == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2}

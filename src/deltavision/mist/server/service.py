@@ -257,19 +257,26 @@ class FeatureService:
         """(digests, {k: features} per image, cache hits) for the images of one request."""
         digests = [digest(upload.data) for upload in uploads]
         first = dict(zip(reversed(digests), reversed(uploads)))  # equal digests, equal bytes
-        found = await run_in_threadpool(lambda: {d: self.batcher.cached(d) for d in dict.fromkeys(digests)})
+        found = await run_in_threadpool(self._lookup, digests)
         hits = sum(entry is not None for entry in found.values())
         missing = [(d, first[d]) for d, entry in found.items() if entry is None]
         await run_in_threadpool(self.check_pixel_budget, [upload for _, upload in missing])
         pixels = await asyncio.gather(*(run_in_threadpool(self.decode, u.data, u.label) for _, u in missing))
         try:  # submitting looks in the cache once more, which may be a network call (Redis)
-            futures = await run_in_threadpool(lambda: [self.batcher.submit(d, p) for (d, _), p in zip(missing, pixels)])
+            futures = await run_in_threadpool(self._submit, [d for d, _ in missing], pixels)
         except QueueFull as err:
             raise ApiError(429, "busy", f"the service is busy ({err}); retry shortly", {"Retry-After": "1"}) from err
         del pixels
         for (d, _), future in zip(missing, futures):
             found[d] = await asyncio.shield(asyncio.wrap_future(future))
         return digests, [found[d] for d in digests], hits
+
+    def _lookup(self, digests: list[str]) -> dict[str, Entry | None]:
+        """{digest: cached entry or None} of the distinct ``digests`` (a network call with Redis)."""
+        return {d: self.batcher.cached(d) for d in dict.fromkeys(digests)}
+
+    def _submit(self, digests: list[str], pixels: list[torch.Tensor]) -> list:
+        return [self.batcher.submit(d, p) for d, p in zip(digests, pixels)]
 
     def encode(self, digests: list[str], entries: list[Entry], ks: list[int], dtype: str) -> bytes:
         """The response payload: Gather_k of ``entries`` for ``ks`` in transfer ``dtype``."""
