@@ -167,6 +167,8 @@ def fault_run(redis_process: RedisProcess, work: Path, image_size: int, clients:
         resumed_fetch: list[str] = []
 
         def count(response: httpx.Response) -> None:
+            if response.request.url.path != "/v1/features":
+                return
             with lock:
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
@@ -261,6 +263,8 @@ def markdown(rows: list[dict], fault: dict | None, header: str) -> str:
         lines += ["", "## Faults: one replica and then Redis SIGKILLed under load (2 replicas)", "",
                   "| measure | value |", "|---|---|"]  # fmt: skip
         lines += [f"| {name} | {value} |" for name, value in fault.items()]
+        lines += ["", "While Redis is down each replica computes every image it is asked for (no per-replica cache "
+                  "sits in front of Redis), so the requests after the Redis kill are compute-bound."]
     return "\n".join(lines) + "\n"
 
 
@@ -354,7 +358,8 @@ def results_header(started: float, load_average, args) -> str:
         f"{BACKBONE} (real embedded weights) at {args.image_size} px, float16 transfer, {args.per_request} distinct "
         f"JPEG photos per request, {CLIENTS} concurrent clients on loopback. {cores} cores shared by the clients, "
         f"Redis, Ray's proxy and controller, and every replica (0.5 CPU and 1 torch thread each), with other "
-        f"work running (load average at start {load_average[0]:.1f} / {load_average[1]:.1f} / {load_average[2]:.1f}). "
+        f"work running (load average at start {load_average[0]:.1f} / {load_average[1]:.1f} / {load_average[2]:.1f}, "
+        f"at the end {os.getloadavg()[0]:.1f}). "
         f"torch {torch.__version__}, Python {platform.python_version()}, {now}, wall time {(time.time() - started) / 60:.1f} min."
         + (" --quick." if args.quick else ""), "",
         "What 2 cores can and cannot show: a second replica adds no cores here, so cold (compute-bound) throughput "
