@@ -15,8 +15,8 @@ image and keeps the cache's first-answer-wins guarantee, which ``@serve.batch``
 does not know about. What Ray adds is the layer above: many replicas.
 
 Differences from the single-process engine, all below the application: Ray's
-proxy (uvicorn) parses HTTP, so a request it cannot parse gets its plain-text
-400 instead of the ``bad_http_request`` JSON, and ``--header-timeout`` does not
+proxy (uvicorn) parses HTTP, so a request it cannot parse is answered by the
+proxy, not with the ``bad_http_request`` JSON, and ``--header-timeout`` does not
 apply; a replica that dies mid-request gives the client a 500 without the
 service's JSON body, which :class:`..edge.client.FeatureClient` retries.
 With several replicas, give them a shared cache (``--cache redis://...``):
