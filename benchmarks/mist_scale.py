@@ -63,7 +63,8 @@ def log(message: str) -> None:
 
 def service_env() -> dict[str, str]:
     return {**os.environ, "DELTAVISION_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-            "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}  # fmt: skip
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
+            "RAY_memory_monitor_refresh_ms": "0"}  # fmt: skip  (other jobs' memory must not make Ray kill replicas)
 
 
 def serve_arguments(engine: str, replicas: int, cache: str, image_size: int) -> list[str]:

@@ -122,7 +122,7 @@ class ServiceProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the service exited with {self.process.returncode}:\n{self.tail()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=10).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

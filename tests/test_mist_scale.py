@@ -35,6 +35,9 @@ from mist_processes import RedisProcess, ServiceProcess
 from test_mist_service import AUTH, TINY_VIT, TOKEN, files, png
 
 VIT = "vit_small_patch16_224"
+# Ray kills its workers when the whole machine's memory is over 95 % used, however little Ray itself uses;
+# on a shared test machine other jobs fill it, so the tests leave memory pressure to the kernel.
+RAY_ON_A_SHARED_MACHINE = {"RAY_memory_monitor_refresh_ms": "0"}
 LIMITS = ["--max-images", "4", "--max-body-mb", "0.2", "--max-wait-ms", "5"]
 
 
@@ -246,7 +249,7 @@ def serve_arguments(checkpoint: Path, cache: str) -> list[str]:
 
 def start_service(arguments: list[str], folder: Path) -> ServiceProcess:
     env = {**os.environ, "DELTAVISION_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}  # fmt: skip
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", **RAY_ON_A_SHARED_MACHINE}  # fmt: skip
     try:
         return ServiceProcess(arguments, folder, env)
     except RuntimeError as err:
