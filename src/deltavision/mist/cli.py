@@ -77,7 +77,14 @@ def serve_command(
     backbone_opt: Optional[List[str]] = typer.Option(None, help="timm model option key=value (repeatable)."),
     max_batch: int = typer.Option(32, min=1, help="Most images per backbone pass (micro-batching)."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="Longest wait for a batch to fill."),
-    cache_mb: int = typer.Option(512, min=0, help="Feature cache size (LRU by image digest)."),
+    cache_mb: int = typer.Option(512, min=0, help="Feature cache size (LRU by image digest); with Redis, its maxmemory."),
+    cache: str = typer.Option("memory", help="Feature cache: 'memory' (in-process LRU) or redis://HOST:PORT/DB, shared by every replica and service."),
+    engine: str = typer.Option("uvicorn", help="uvicorn (one process) or ray (Ray Serve replicas; pip install 'deltavision[scale]')."),
+    replicas: int = typer.Option(1, min=1, help="Ray Serve replicas (--engine ray)."),
+    min_replicas: Optional[int] = typer.Option(None, min=0, help="Autoscale down to this many replicas (--engine ray)."),
+    max_replicas: Optional[int] = typer.Option(None, min=1, help="Autoscale up to this many replicas (--engine ray)."),
+    cpus_per_replica: float = typer.Option(1.0, min=0.0, help="CPUs Ray reserves per replica (--engine ray)."),
+    gpus_per_replica: float = typer.Option(0.0, min=0.0, help="GPUs per replica, fractions allowed (--engine ray)."),
     max_body_mb: float = typer.Option(32.0, min=0.01, help="Largest accepted request body."),
     max_images: int = typer.Option(64, min=1, help="Most images per request."),
     max_pixels: int = typer.Option(4096 * 4096, min=1, help="Largest accepted image (width x height)."),
@@ -92,18 +99,33 @@ def serve_command(
     """Serve Gather_k features of a frozen backbone over HTTP (MIST separated tuning)."""
     from ..memory import release_large_blocks
     from .server.app import serve
+    from .server.redis_cache import check_redis_url
     from .server.service import MIB, ServiceConfig, build_service, check_token
 
     token = _service_token(token)
     check_token(token)
     tls = _tls_files(ssl_keyfile, ssl_certfile)
+    scaling = _scaling(engine, replicas, min_replicas, max_replicas, cpus_per_replica, gpus_per_replica)
+    if cache != "memory":
+        check_redis_url(cache)
     _set_threads(threads)
     release_large_blocks()  # decoded images go back to the system when freed
     config = ServiceConfig(
         token=token, max_batch=max_batch, max_wait_ms=max_wait_ms, cache_bytes=cache_mb * MIB,
         max_body_bytes=int(max_body_mb * MIB), max_images=max_images, max_pixels=max_pixels,
         max_request_pixels=int(max_request_mpixels * 2**20), body_timeout=body_timeout,
+        cache_url=None if cache == "memory" else cache,
     )  # fmt: skip
+    if scaling is not None:
+        from .server.ray_engine import ReplicaSpec
+
+        _serve_on_ray(
+            ReplicaSpec(backbone, config, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
+                        image_size=image_size, backbone_options=_backbone_options(backbone_opt), device=device,
+                        precision=precision, threads=threads),
+            scaling, host, port, keep_alive, tls,
+        )  # fmt: skip
+        return
     service = build_service(
         backbone, config, checkpoint=checkpoint, pretrained=pretrained, image_size=image_size,
         backbone_options=_backbone_options(backbone_opt) or None, device=device, precision=precision,
@@ -128,6 +150,42 @@ def serve_command(
         )  # fmt: skip
     finally:
         service.close()
+
+
+ENGINES = ("uvicorn", "ray")
+
+
+def _scaling(engine: str, replicas: int, min_replicas, max_replicas, cpus: float, gpus: float):
+    """Ray Serve's replica settings for ``--engine ray`` (None for uvicorn); refuses options that do not fit."""
+    from ..errors import DeltaVisionError
+
+    if engine not in ENGINES:
+        raise DeltaVisionError(f"--engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    if engine == "uvicorn":
+        given = [name for name, value, default in (("--replicas", replicas, 1), ("--min-replicas", min_replicas, None),
+                 ("--max-replicas", max_replicas, None), ("--gpus-per-replica", gpus, 0.0)) if value != default]  # fmt: skip
+        if given:
+            raise DeltaVisionError(f"{', '.join(given)} need --engine ray (uvicorn serves one process)")
+        return None
+    if min_replicas is not None and max_replicas is not None and min_replicas > max_replicas:
+        raise DeltaVisionError(f"--min-replicas {min_replicas} is more than --max-replicas {max_replicas}")
+    try:
+        from .server.ray_engine import Scaling
+    except ImportError as err:
+        raise DeltaVisionError(f"--engine ray needs Ray Serve ({err}): pip install 'deltavision[scale]'") from err
+    return Scaling(replicas, min_replicas, max_replicas, cpus, gpus)
+
+
+def _serve_on_ray(spec, scaling, host: str, port: int, keep_alive: float, tls) -> None:
+    from .server import ray_engine
+
+    bounds = (f"{scaling.replicas} replica(s)" if scaling.min_replicas is None and scaling.max_replicas is None
+              else f"{scaling.min_replicas or 1}..{scaling.max_replicas or scaling.replicas} replicas (autoscaling)")  # fmt: skip
+    scheme = "https" if tls else "http"
+    ready = lambda: console.print(f"serving {spec.backbone} on {scheme}://{host}:{port} with Ray Serve, {bounds}; "  # noqa: E731
+                                  f"cache {spec.config.cache_url or 'in-process per replica'}", highlight=False)  # fmt: skip
+    ray_engine.run(spec, scaling, host, port, keep_alive_timeout=keep_alive, ssl_keyfile=tls[0] if tls else None,
+                   ssl_certfile=tls[1] if tls else None, on_ready=ready)  # fmt: skip
 
 
 def _service_token(token: Optional[str]) -> str:

@@ -56,7 +56,9 @@ class LabelledImages:
 class FeatureClient:
     """HTTP client of the feature service that rides out a busy or restarting service.
 
-    A request that cannot connect or gets 429/502/503/504 is sent again after
+    A request that cannot connect, gets 429/502/503/504, or gets a 500 that is not
+    the service's own JSON error (the engine in front of it lost the replica that
+    was answering: Ray Serve says 500 then) is sent again after
     0.25 s, 0.5 s, 1 s, ... (at most 8 s apart) until ``retry_seconds`` have
     passed since its first attempt; only then is it a ServiceError. The default
     minute outlasts a service restart (loading a backbone takes seconds).
@@ -120,10 +122,25 @@ class FeatureClient:
                         f"after retrying for {self.retry_seconds:g} s (--retry-seconds)"
                     ) from err
             else:
-                if response.status_code not in RETRY_STATUSES or self._clock() + delay > deadline:
+                if not _retriable(response) or self._clock() + delay > deadline:
                     return _checked(response, self.url)
             self._sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _retriable(response: httpx.Response) -> bool:
+    """Busy or unavailable (429/502/503/504), or a 500 without the service's JSON error body.
+
+    Every request is a pure function of its images, so sending it again is safe."""
+    if response.status_code in RETRY_STATUSES:
+        return True
+    if response.status_code != 500:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return True
+    return not (isinstance(body, dict) and "error" in body)
 
 
 def backoff_delays():

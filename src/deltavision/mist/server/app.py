@@ -3,6 +3,10 @@
 Endpoints (JSON errors ``{"error": {"code", "message"}}``, always 4xx for bad input):
 
 - ``GET /health``: liveness, no token.
+- ``GET /healthz``: readiness for a load balancer or Ray Serve, no token: 200 with
+  ``{"status": "ok"|"degraded", ...}`` while the service can answer (``degraded``: its
+  shared cache is unreachable, so it computes everything), 503 JSON error if it cannot.
+- ``GET /metrics``: Prometheus text format (:mod:`.metrics`), no token; counts only.
 - ``GET /v1/info``: backbone, fingerprint, feature shape, ks, dtypes, image size,
   normalisation, limits.
 - ``POST /v1/features?k=K&dtype=D``: images as multipart/form-data file fields named
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 
 import h11
 from fastapi import FastAPI, Request
@@ -44,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..wire import UnknownDtypeError, transfer_dtype
+from .metrics import CONTENT_TYPE, ServiceMetrics, endpoint_label
 from .service import IMAGE_FIELD, ApiError, FeatureService, Upload
 
 MAX_HEADER_BYTES = 16 * 1024
@@ -122,10 +128,34 @@ async def _read_uploads(request: Request, body: bytes, max_images: int) -> list[
         await form.close()
 
 
+class RequestMetrics:
+    """ASGI middleware timing every HTTP request and counting it by endpoint and status."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            self.metrics.observe_request(endpoint_label(scope["path"]), status, time.perf_counter() - started)
+
+
 def create_app(service: FeatureService) -> FastAPI:
     """The FastAPI application serving ``service`` (whoever made the service closes it)."""
     app = FastAPI(title="deltavision feature service (MIST)", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -147,6 +177,18 @@ def create_app(service: FeatureService) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/healthz")
+    async def healthz():
+        able, details = await run_in_threadpool(service.health)
+        if not able:
+            return _error_response(503, "unavailable", "the batching worker has stopped; restart the service")
+        return details
+
+    @app.get("/metrics")
+    async def metrics():
+        exposition = await run_in_threadpool(service.metrics.exposition)
+        return Response(exposition, media_type=CONTENT_TYPE)
 
     @app.get("/v1/info")
     async def info(request: Request):

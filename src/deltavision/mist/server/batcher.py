@@ -54,6 +54,7 @@ class MicroBatcher:
         max_batch: int = 32,
         max_wait: float = 0.005,
         max_pending: int = 1024,
+        on_batch: Callable[[int, float], None] | None = None,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -62,6 +63,7 @@ class MicroBatcher:
         self.max_wait = max_wait
         self.max_pending = max_pending
         self.cache = cache
+        self.on_batch = on_batch  # (images, seconds) after every backbone pass
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -95,6 +97,10 @@ class MicroBatcher:
         """Stop the worker after the images already queued."""
         self._queue.put(None)
         self._worker.join(timeout)
+
+    def alive(self) -> bool:
+        """Whether the worker thread still runs batches."""
+        return self._worker.is_alive()
 
     def stats(self) -> dict[str, float]:
         return {
@@ -131,7 +137,10 @@ class MicroBatcher:
     def _run(self, jobs: list[_Job]) -> None:
         results, error = [None] * len(jobs), None
         try:
+            started = time.perf_counter()
             computed = self.run_batch([job.digest for job in jobs], torch.stack([job.pixels for job in jobs]))
+            if self.on_batch is not None:
+                self.on_batch(len(jobs), time.perf_counter() - started)
             results = [self.cache.keep(job.digest, entry) for job, entry in zip(jobs, computed)]
         except Exception as err:  # reported to every waiting request, the worker lives on
             error = err

@@ -9,7 +9,8 @@ First answer wins: :meth:`FeatureLRU.keep` never replaces a stored entry, so
 while an image stays cached every request for it gets the very same tensors.
 (Float32 features of one image differ with the batch it was computed in, by up
 to ~1e-4, because matrix kernels block their sums by batch size.)
-Only :mod:`.batcher` reads and writes the cache.
+Only :mod:`.batcher` reads and writes the cache. :mod:`.redis_cache` is the shared
+alternative with the same methods (``--cache redis://...``); :func:`make_cache` picks one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def entry_bytes(entry: Entry) -> int:
 class FeatureLRU:
     """A bytes-bounded LRU map from image digest to ``{k: (T, C) tensor}``."""
 
+    kind = "memory"
+
     def __init__(self, max_bytes: int):
         self.max_bytes = max(0, int(max_bytes))
         self._entries: OrderedDict[str, Entry] = OrderedDict()
@@ -36,6 +39,7 @@ class FeatureLRU:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -72,16 +76,36 @@ class FeatureLRU:
             while self.bytes + size > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self.bytes -= entry_bytes(evicted)
+                self.evictions += 1
             self._entries[digest] = entry
             self.bytes += size
             return entry
 
-    def stats(self) -> dict[str, int]:
+    def healthy(self) -> bool:
+        """An in-process cache is always reachable."""
+        return True
+
+    def stats(self) -> dict[str, int | str]:
         with self._lock:
             return {
+                "kind": "memory",
                 "entries": len(self._entries),
                 "bytes": self.bytes,
                 "max_bytes": self.max_bytes,
                 "hits": self.hits,
                 "misses": self.misses,
+                "evictions": self.evictions,
+                "errors": 0,
             }
+
+
+def make_cache(url: str | None, max_bytes: int, namespace: str, ks) -> "FeatureLRU":
+    """The in-process LRU (``url`` None or ``memory``), or the shared Redis cache of a ``redis://`` URL.
+
+    ``namespace`` (the service fingerprint) and ``ks`` become part of every Redis key."""
+    if url is None or url == "memory":
+        return FeatureLRU(max_bytes)
+    from .redis_cache import RedisFeatureCache, check_redis_url
+
+    check_redis_url(url)
+    return RedisFeatureCache(url, namespace, ks, max_bytes)

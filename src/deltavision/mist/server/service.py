@@ -41,8 +41,9 @@ from ...data.transforms import make_transforms
 from ...errors import DeltaVisionError
 from ..wire import DTYPES, FORMAT, digest, pack
 from .batcher import MicroBatcher, QueueFull
-from .cache import Entry, FeatureLRU
+from .cache import Entry, make_cache
 from .gather import Gather
+from .metrics import ServiceMetrics
 
 MIB = 2**20
 GATHER_VERSION = "gather-sum-v1"
@@ -79,6 +80,7 @@ class ServiceConfig:
     max_pending: int = 1024
     decode_slots: int = 4
     body_timeout: float = 30.0
+    cache_url: str | None = None  # None: in-process LRU; redis://HOST:PORT/DB: shared (see .redis_cache)
 
     def limits(self) -> dict[str, int]:
         return {
@@ -130,6 +132,7 @@ class FeatureService:
         backbone_options: dict[str, Any] | None = None,
         device: str | None = None,
         precision: str = "fp32",
+        replica: str = "",
     ):
         check_token(config.token)
         self.backbone, self.config = backbone, config
@@ -143,9 +146,11 @@ class FeatureService:
         self._draft_size = (2 * image_size, 2 * image_size)
         self.counters = Counters()
         self._decoding = threading.BoundedSemaphore(config.decode_slots)  # bounds decoded-image memory
+        self.metrics = ServiceMetrics(self.stats, replica=replica)
+        cache = make_cache(config.cache_url, config.cache_bytes, self.fingerprint, self.ks)
         self.batcher = MicroBatcher(
-            self._run_batch, FeatureLRU(config.cache_bytes), config.max_batch, config.max_wait_ms / 1000.0,
-            config.max_pending,
+            self._run_batch, cache, config.max_batch, config.max_wait_ms / 1000.0, config.max_pending,
+            on_batch=self.metrics.observe_batch,
         )  # fmt: skip
 
     def info(self) -> dict[str, Any]:
@@ -176,6 +181,15 @@ class FeatureService:
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters.as_dict(), "cache": self.batcher.cache.stats(), "batching": self.batcher.stats()}
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(able to answer, details): False only if the batching worker died; a cache that fails
+        only degrades the service (it computes instead), reported as ``"degraded"``."""
+        batching = self.batcher.alive()
+        cache = self.batcher.cache.healthy()
+        status = "ok" if batching and cache else ("degraded" if batching else "failing")
+        return batching, {"status": status, "batching": batching,
+                          "cache": {"kind": self.batcher.cache.kind, "reachable": cache}}  # fmt: skip
 
     def parse_ks(self, text: str | None) -> list[int]:
         """The k values a request asks for: None -> [N]; "all"; "K" or "K1,K2"."""
@@ -243,19 +257,26 @@ class FeatureService:
         """(digests, {k: features} per image, cache hits) for the images of one request."""
         digests = [digest(upload.data) for upload in uploads]
         first = dict(zip(reversed(digests), reversed(uploads)))  # equal digests, equal bytes
-        found = {d: self.batcher.cached(d) for d in dict.fromkeys(digests)}
+        found = await run_in_threadpool(self._lookup, digests)
         hits = sum(entry is not None for entry in found.values())
         missing = [(d, first[d]) for d, entry in found.items() if entry is None]
         await run_in_threadpool(self.check_pixel_budget, [upload for _, upload in missing])
         pixels = await asyncio.gather(*(run_in_threadpool(self.decode, u.data, u.label) for _, u in missing))
-        try:
-            futures = [self.batcher.submit(d, p) for (d, _), p in zip(missing, pixels)]
+        try:  # submitting looks in the cache once more, which may be a network call (Redis)
+            futures = await run_in_threadpool(self._submit, [d for d, _ in missing], pixels)
         except QueueFull as err:
             raise ApiError(429, "busy", f"the service is busy ({err}); retry shortly", {"Retry-After": "1"}) from err
         del pixels
         for (d, _), future in zip(missing, futures):
             found[d] = await asyncio.shield(asyncio.wrap_future(future))
         return digests, [found[d] for d in digests], hits
+
+    def _lookup(self, digests: list[str]) -> dict[str, Entry | None]:
+        """{digest: cached entry or None} of the distinct ``digests`` (a network call with Redis)."""
+        return {d: self.batcher.cached(d) for d in dict.fromkeys(digests)}
+
+    def _submit(self, digests: list[str], pixels: list[torch.Tensor]) -> list:
+        return [self.batcher.submit(d, p) for d, p in zip(digests, pixels)]
 
     def encode(self, digests: list[str], entries: list[Entry], ks: list[int], dtype: str) -> bytes:
         """The response payload: Gather_k of ``entries`` for ``ks`` in transfer ``dtype``."""
@@ -330,6 +351,7 @@ def build_service(
     backbone_options: dict[str, Any] | None = None,
     device: str | None = None,
     precision: str = "fp32",
+    replica: str = "",
 ) -> FeatureService:
     """A service around a timm backbone built by :func:`deltavision.backbones.create_backbone`."""
     from timm.data import resolve_data_config
@@ -351,4 +373,5 @@ def build_service(
         backbone_options=backbone_options,
         device=device,
         precision=precision,
+        replica=replica,
     )
