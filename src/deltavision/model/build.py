@@ -105,12 +105,6 @@ def resolve_head(task: str, head: str | None) -> str | None:
     return check_detector(task, head)
 
 
-def _check_task(task: str, head: str | None) -> bool:
-    """Whether ``task`` is dense; unknown tasks and heads are errors."""
-    resolve_head(task, head)
-    return task != "classification"
-
-
 def adapted_backbone(model: nn.Module) -> nn.Module:
     """The adapted timm model (or method wrapper) inside a deltavision model of any task."""
     path = ADAPTED_BACKBONE.get(spec_of(model).task)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from timm.layers import LayerNorm2d
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -63,8 +64,11 @@ def check_head_options(options: dict | None) -> dict:
 class PyramidBackbone(nn.Module):
     """The adapted model's stage maps as an ``OrderedDict`` of FPN levels (torchvision's backbone contract).
 
-    Children: ``body`` (the adapted model), ``neck`` (:class:`FeaturePyramid`)
-    and ``fpn``; ``out_channels`` is the FPN width. ``retina``: the three
+    Children: ``body`` (the adapted model), ``neck`` (:class:`FeaturePyramid`),
+    ``norms`` (a trainable LayerNorm per level, as mmdet's Swin and ViTDet
+    put on their outputs: raw stage outputs of CNNs reach a standard deviation of
+    10 and more, which gives Mask R-CNN first mask losses above 10) and ``fpn``;
+    ``out_channels`` is the FPN width. ``retina``: the three
     coarsest levels plus P6/P7 (strides 8-128, as RetinaNet); otherwise four
     levels plus a max-pooled one (strides 4-64, as Faster/Mask R-CNN).
     """
@@ -78,6 +82,7 @@ class PyramidBackbone(nn.Module):
             self.neck.drop_finest()
         if isinstance(body, BackboneWrapper):
             body.use_stages(self.neck.picked)
+        self.norms = nn.ModuleList(LayerNorm2d(c) for c in self.neck.channels)
         extra = LastLevelP6P7(out_channels, out_channels) if retina else LastLevelMaxPool()
         self.fpn = FeaturePyramidNetwork(self.neck.channels, out_channels, extra_blocks=extra)
         self.out_channels = out_channels
@@ -86,7 +91,7 @@ class PyramidBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         levels = self.neck(feature_maps(self.body, images))
-        return self.fpn(OrderedDict((str(i), level) for i, level in enumerate(levels)))
+        return self.fpn(OrderedDict((str(i), norm(level)) for i, (norm, level) in enumerate(zip(self.norms, levels))))
 
 
 def rcnn_anchors(strides: list[int]) -> AnchorGenerator:
@@ -100,12 +105,25 @@ def retina_anchors(strides: list[int]) -> AnchorGenerator:
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(strides))
 
 
+def proposal_budget(image_size: int) -> dict[str, int]:
+    """R-CNN proposal and RoI-sample counts scaled to the image area (torchvision's own at 800 px).
+
+    torchvision keeps 2000/1000 proposals (train/test) and samples 512 RoIs
+    per image for 800 px COCO images; a 128 px image holds 39x fewer
+    anchors, so the same counts would be mostly duplicates and cost most of the step.
+    """
+    area = min(1.0, (image_size / 800) ** 2)
+    train, test = max(300, round(2000 * area)), max(300, round(1000 * area))
+    return dict(rpn_pre_nms_top_n_train=train, rpn_post_nms_top_n_train=train, rpn_pre_nms_top_n_test=test,
+                rpn_post_nms_top_n_test=test, box_batch_size_per_image=max(128, round(512 * area)))
+
+
 def build_detector(adapted: nn.Module, num_classes: int, detector: str, head_options: dict | None = None) -> nn.Module:
     """torchvision's ``detector`` ("fasterrcnn", "retinanet", "maskrcnn") on the adapted model.
 
     ``num_classes`` counts the background (class 0). ``head_options``:
     ``image_size`` (default: the backbone's own input size) and
-    ``fpn_channels`` (default 256).
+    ``fpn_channels`` (default 256). Proposal counts follow :func:`proposal_budget`.
     """
     options = check_head_options(head_options)
     size = options.get("image_size") or native_image_size(adapted)
@@ -119,6 +137,7 @@ def build_detector(adapted: nn.Module, num_classes: int, detector: str, head_opt
     if detector == "retinanet":
         return RetinaNet(backbone, num_classes, anchor_generator=retina_anchors(backbone.strides), **common)
     anchors = rcnn_anchors(backbone.strides)
+    common |= proposal_budget(size)
     box_head = TwoMLPHead(width * 7 * 7, REPRESENTATION_SIZE)
     if detector == "fasterrcnn":
         return FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, box_head=box_head, **common)

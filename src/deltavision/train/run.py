@@ -95,15 +95,9 @@ def resolve_run(config: RunConfig) -> RunConfig:
     options = config_options(make_config(spec, config.options))
     lr = config.train.lr if config.train.lr is not None else spec.default_lr
     image_size = config.image_size or data_settings(config.backbone, config.backbone_options)["image_size"]
-    head = None
-    if config.task == "segmentation":
-        from ..tasks.segmentation import check_head
+    from ..model.build import resolve_head
 
-        head = check_head(config.head)
-    elif config.task != "classification" or config.head is not None:
-        from ..model.build import _check_task
-
-        _check_task(config.task, config.head)
+    head = resolve_head(config.task, config.head)
     return replace(
         config, options=options, image_size=image_size, head=head, backbone_options=dict(config.backbone_options or {}),
         train=replace(config.train, lr=lr),
@@ -177,7 +171,7 @@ def run_training(config: RunConfig) -> dict[str, Any]:
     model = create_model(
         config.backbone, config.method, len(splits.classes), pretrained=config.pretrained,
         checkpoint=config.checkpoint, backbone_options=config.backbone_options or None, task=config.task,
-        head=config.head, **config.options,
+        head=config.head, head_options=detector_options(config), **config.options,
     )
     device = resolve_device(config.train.device)
     check_precision(device, config.train.precision)
@@ -212,16 +206,28 @@ def run_training(config: RunConfig) -> dict[str, Any]:
 
 def build_task_datasets(config: RunConfig, data_cfg: dict, augment: bool | None = None, val_limit="run"):
     """The run's train and validation splits for its task (``val_limit`` "run": the run's own)."""
+    from functools import partial
+
     from ..data import build_datasets
+    from ..data.detection import build_detection_datasets
     from ..data.segmentation import build_segmentation_datasets
 
-    build = build_segmentation_datasets if config.task == "segmentation" else build_datasets
+    build = {
+        "segmentation": build_segmentation_datasets,
+        "detection": partial(build_detection_datasets, masks=False),
+        "instance": partial(build_detection_datasets, masks=True),
+    }.get(config.task, build_datasets)
     return build(
         config.data, image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
         val_fraction=config.val_fraction, train_limit=config.train_limit,
         val_limit=config.val_limit if val_limit == "run" else val_limit,
         augment=config.augment if augment is None else augment, seed=config.train.seed,
     )
+
+
+def detector_options(config: RunConfig) -> dict | None:
+    """Detectors resize every image to the run's input size (not torchvision's 800 px)."""
+    return {"image_size": config.image_size} if config.task in ("detection", "instance") else None
 
 
 def data_line(splits, source: str) -> str:
@@ -248,7 +254,10 @@ def prepare_model(model: torch.nn.Module, config: RunConfig) -> torch.nn.Module:
                 f"--grad-checkpointing saves memory of the backbone's backward pass, which {config.method} "
                 "never runs; drop the flag"
             )
-        backbone = getattr(model, "backbone", model)
+        from ..model.build import adapted_backbone
+
+        backbone = adapted_backbone(model)
+        backbone = getattr(backbone, "backbone", backbone)  # a method wrapper's timm model
         if not hasattr(backbone, "set_grad_checkpointing"):
             raise RunConflictError(f"{config.backbone} does not support gradient checkpointing in timm")
         backbone.set_grad_checkpointing(True)
