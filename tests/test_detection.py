@@ -70,7 +70,7 @@ def _classifier_trainable(family: str, method: str) -> set[str]:
 def _check_training_step(model: nn.Module, family: str, method: str, detector: str) -> None:
     """The loss dict of one training step reaches exactly the method's parameters and the detector."""
     model.train()
-    images, targets = _images_and_targets(batch=1)
+    images, targets = _images_and_targets(batch=2)  # BatchNorms that train need two images at 1 x 1
     if detector != "maskrcnn":
         targets = [{k: v for k, v in t.items() if k != "masks"} for t in targets]
     losses = model(list(images), targets)

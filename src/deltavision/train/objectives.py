@@ -136,7 +136,7 @@ class DetectionObjective(Objective):
     detections per image). Mask AP thresholds Mask R-CNN's mask probabilities at 0.5.
     """
 
-    drop_last = False
+    drop_last = True  # a last batch of one image cannot train the BatchNorms full fine-tuning re-estimates
     collate = staticmethod(collate_detection)
     val_batch_floor = 1
 
