@@ -301,3 +301,18 @@ def test_draw_detections_paints_boxes_and_masks_above_the_threshold():
     assert torch.equal(picture[12, 5], colour), "the kept box's outline is drawn in its class colour"
     assert picture[15, 15].sum() > 0 and (picture[15, 15] != colour).any(), "its mask is blended in"
     assert picture[30, 30].sum() == 0 and picture[22, 30].sum() == 0, "the low-scoring detection is not drawn"
+
+
+def test_detection_runs_default_to_at_most_1e_3_but_keep_an_explicit_lr():
+    from deltavision.train import TrainConfig
+    from deltavision.train.run import RunConfig, resolve_run
+
+    name, opts = TINY["convnext"]
+
+    def lr(task, given=None):
+        config = RunConfig(backbone=name, method="e3va", data="fashion-scenes", out_dir="unused", task=task,
+                           backbone_options=opts, image_size=IMAGE_SIZE, train=TrainConfig(lr=given))
+        return resolve_run(config).train.lr
+
+    assert get_method("e3va").default_lr == 1e-2
+    assert (lr("classification"), lr("instance"), lr("detection"), lr("detection", 5e-3)) == (1e-2, 1e-3, 1e-3, 5e-3)

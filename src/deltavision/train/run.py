@@ -33,6 +33,9 @@ from .objectives import objective_for
 
 ADAPTER_DIR = "adapter"
 RUN_FILE = "run.json"
+# The default learning rate of a detection run at most: torchvision's detector heads (millions of fresh
+# weights) diverge under AdamW at the 1e-2 that suits the small adapters of SSF or E3VA alone.
+DETECTOR_MAX_LR = 1e-3
 # Settings that do not change what a run computes, so a resume may differ in them.
 FREE_ON_RESUME = (
     "resume", "overwrite", "out_dir", "progress", "device", "workers", "channels_last", "grad_checkpointing", "compile",
@@ -94,6 +97,8 @@ def resolve_run(config: RunConfig) -> RunConfig:
     spec = get_method(config.method)
     options = config_options(make_config(spec, config.options))
     lr = config.train.lr if config.train.lr is not None else spec.default_lr
+    if config.train.lr is None and config.task in ("detection", "instance"):
+        lr = min(lr, DETECTOR_MAX_LR)
     image_size = config.image_size or data_settings(config.backbone, config.backbone_options)["image_size"]
     from ..model.build import resolve_head
 
