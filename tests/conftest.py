@@ -5,12 +5,15 @@ first imported (it reads the variable at import time), hence the module-level
 ``setdefault`` here, which pytest imports before any test module.
 """
 
+import hashlib
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path  # noqa: E402
 
+import huggingface_hub.constants  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import timm  # noqa: E402
@@ -189,3 +192,29 @@ def vit_base_ssf():
     """ViT-B/16 (random init) with SSF and a 100-class head: the paper's configuration."""
     torch.manual_seed(0)
     return deltavision.create_model("vit_base_patch16_224", "ssf", 100, pretrained=False)
+
+
+# --- the Hugging Face Hub cache ------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache that huggingface_hub (this process and its subprocesses) uses."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import time, so patched here
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def place_in_cache(cache, repo_id, folder, revision="main"):
+    """Put the files of ``folder`` into ``cache`` as a snapshot of ``repo_id`` at ``revision``; return its commit."""
+    digest = hashlib.sha1()
+    for path in sorted(folder.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    commit = digest.hexdigest()
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return commit

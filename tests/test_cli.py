@@ -54,7 +54,7 @@ def assert_user_error(result: subprocess.CompletedProcess, pattern: str) -> None
 # --- in-process: help, methods, params -----------------------------------------------------------
 
 runner = CliRunner()
-COMMANDS = [[], ["methods"], ["params"], ["train"], ["eval"], ["merge"], ["compare"]]
+COMMANDS = [[], ["methods"], ["params"], ["train"], ["eval"], ["merge"], ["compare"], ["bench"], ["bench", "vtab"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) or "root" for c in COMMANDS])

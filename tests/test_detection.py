@@ -288,6 +288,22 @@ def test_instance_training_run_on_fashion_scenes_writes_ap_and_adapter(tmp_path)
                                                                         {"image_size": IMAGE_SIZE})
     assert config["classes"][0] == "background" and config["num_classes"] == 11
 
+    from PIL import Image
+
+    from deltavision.data.scenes import load_scenes
+    from deltavision.inference import evaluate_saved_adapter
+    from deltavision.predict import predict_images
+
+    scores = evaluate_saved_adapter(tmp_path / "adapter", None, 2, None, None, False, "cpu")
+    assert scores["task"] == "instance" and scores["images"] == 2 and scores["mask_ap"] == summary["mask_ap"]
+    photo = tmp_path / "scene.png"
+    Image.fromarray(load_scenes("val", 2).images[0]).save(photo)
+    (result,) = predict_images(tmp_path / "adapter", [photo], tmp_path / "drawn", pretrained=False,
+                               score_threshold=0.0)
+    drawn = Image.open(result["overlay"])
+    assert drawn.size == Image.open(photo).size and result["detections"], "boxes are drawn at the image's own size"
+    assert all(d["class"] in config["classes"][1:] and 0 <= d["box"][2] <= drawn.size[0] for d in result["detections"])
+
 
 def test_draw_detections_paints_boxes_and_masks_above_the_threshold():
     image = torch.zeros(3, 40, 40, dtype=torch.uint8)

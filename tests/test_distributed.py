@@ -154,3 +154,26 @@ def test_compare_runs_each_method_under_torchrun(tmp_path, digits_folder, backbo
     how = json.loads((tmp_path / "lora" / "run.json").read_text())["run"]
     assert how["world_size"] == 2 and how["global_batch"] == 8
     assert rows[0]["method"] == "lora" and rows[0]["val_images"] == 20 and rows[0]["trainable"] > 0
+
+
+@pytest.mark.slow
+def test_segmentation_validation_under_two_processes_counts_every_pixel_once(tmp_path, backbone_checkpoint):
+    """Two processes each score half the validation scenes; their confusion matrices are summed, so the
+    mIoU, pixel accuracy and per-class IoU they log equal a single process scoring the saved adapter.
+    (The head's dropout draws differently in two processes, so their weights are not compared.)"""
+    checkpoint = backbone_checkpoint("vit")
+    opts = [f"--backbone-opt={k}={v}" for k, v in VIT_OPTS.items()]
+    out = tmp_path / "ddp"
+    _run(_torchrun(
+        "train", "--task", "segmentation", "--head", "fpn", "--data", "fashion-scenes", "--out", str(out),
+        "--backbone", VIT, *opts, "--method", "lora", "--checkpoint", str(checkpoint), "--image-size", "32",
+        "--train-limit", "16", "--val-limit", "7", "--batch-size", "4", "--epochs", "1", "--device", "cpu",
+    ), tmp_path)
+    result = _run(_single("eval", str(out / "adapter"), "--checkpoint", str(checkpoint), "--json"), tmp_path)
+    single = json.loads(result.stdout.strip().splitlines()[-1])
+    header, row = (out / "log.csv").read_text().splitlines()[:2]
+    logged = dict(zip(header.split(","), row.split(",")))
+    assert single["images"] == 7
+    for key in ("miou", "pixel_acc", "val_loss", *(k for k in logged if k.startswith("iou/"))):
+        if logged[key] != "nan":
+            assert float(logged[key]) == pytest.approx(single[key], rel=1e-4, abs=1e-5), key

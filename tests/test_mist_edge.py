@@ -274,7 +274,40 @@ NO_TIMM_SCRIPT = textwrap.dedent(
                                   fit=FitConfig(epochs=2, select_epochs=1, progress=False)))
     model = load_edge(out)
     logits = model(store.read(summary["k"], "float16", names[:3]))
+
+    # segmentation: a tiny images/ + masks/ folder read and its masks stored on the edge, then an offline fit
+    import numpy as np
+    from pathlib import Path
+    from PIL import Image
+    from deltavision.mist.edge.masks import segmented_images, store_masks
+
+    folder = Path(sys.argv[4])
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    (folder / "classes.txt").write_text(chr(10).join(["background", "square"]))
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        mask = np.zeros((20, 20), np.uint8)
+        mask[5:15, 5:15] = 1
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"{i}.png")
+    images = segmented_images(folder, val_fraction=0.3)
+    seg_root, seg_out = sys.argv[5], sys.argv[6]
+    seg_store = FeatureStore(seg_root, "fp-seg")
+    digests = [item.digest for item in images.train + images.val]
+    seg_store.write_shard(4, "float16", digests, torch.randn(len(digests), 17, 16, generator=generator).half(), None)
+    store_masks(seg_store, images, digests, 32, progress=False)
+    seg_service = {**service, "fingerprint": "fp-seg", "image_size": 32, "feature_shape": [17, 16], "ks": [4],
+                   "num_blocks": 4, "grid": [4, 4], "num_prefix_tokens": 1}
+    seg_store.write_manifest({"task": "segmentation", "classes": images.classes, "service": seg_service,
+                              "train": [i.digest for i in images.train], "val": [i.digest for i in images.val]})
+    seg = fit_edge(FitOptions(out=seg_out, cache=seg_root, offline=True, task="segmentation", k="4", dtype="float16",
+                              fit=FitConfig(epochs=1, batch_size=4, progress=False)))
+    seg_logits = load_edge(seg_out)(seg_store.read(4, "float16", digests[:2]))
+    seg_log = (Path(seg_out) / "log.csv").read_text().splitlines()[0].split(",")
     print(json.dumps({"applied": applied, "k": summary["k"], "scores": summary["k_scores"], "shape": list(logits.shape),
+                      "seg_shape": list(seg_logits.shape), "seg_log": seg_log, "seg_miou": seg["miou"],
+                      "seg_data": "deltavision.data.segmentation" in sys.modules,
                       "timm": sorted(m for m in sys.modules if m == "timm" or m.startswith("timm.")),
                       "server": sorted(m for m in sys.modules if m.startswith("deltavision.mist.server")),
                       "building": sorted(m for m in sys.modules if m in ("deltavision.model.build", "deltavision.methods",
@@ -285,10 +318,12 @@ NO_TIMM_SCRIPT = textwrap.dedent(
 
 
 def test_edge_trains_and_predicts_offline_without_timm(tmp_path):
-    """A fresh interpreter where importing timm fails fits (with k selection), saves, loads and predicts."""
+    """A fresh interpreter where importing timm fails fits (with k selection), saves, loads and predicts;
+    then reads a segmentation folder, stores its masks and fits, saves and runs a segmentation edge network."""
     package_dir = str(Path(deltavision.__file__).parent)
     result = subprocess.run(
-        [sys.executable, "-c", NO_TIMM_SCRIPT, package_dir, str(tmp_path / "cache"), str(tmp_path / "edge")],
+        [sys.executable, "-c", NO_TIMM_SCRIPT, package_dir, str(tmp_path / "cache"), str(tmp_path / "edge"),
+         str(tmp_path / "scenes"), str(tmp_path / "seg-cache"), str(tmp_path / "seg-edge")],
         capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -298,6 +333,8 @@ def test_edge_trains_and_predicts_offline_without_timm(tmp_path):
     assert report["k"] in (1, 2) and set(report["scores"]) == {"1", "2"}
     assert report["shape"] == [3, 2]
     assert report["applied"] is sys.platform.startswith("linux")
+    assert report["seg_shape"] == [2, 2, 32, 32] and report["seg_data"] is True
+    assert {"miou", "pixel_acc", "iou/background", "iou/square"} <= set(report["seg_log"]) and report["seg_miou"] >= 0
 
 
 # --- damaged or tampered feature caches -----------------------------------------------------------
@@ -498,3 +535,152 @@ def test_request_batches_respect_the_services_pixel_budget():
     assert [len(batch) for batch in request_batches(items, limits)] == [2, 2, 1]
     del limits["max_request_pixels"]  # a service from before the budget existed
     assert [len(batch) for batch in request_batches(items, limits)] == [5]
+
+
+# --- segmentation on the edge (the paper's SegFormer setting, appendix Sec. 8) ----------------------
+
+GRID, PREFIX, SIZE = (4, 4), 1, 32
+
+
+def segmentation_config(**changes) -> EdgeConfig:
+    return edge_config(**{"task": "segmentation", "grid": list(GRID), "num_prefix_tokens": PREFIX, "image_size": SIZE,
+                          "decoder_width": 16, **changes})  # fmt: skip
+
+
+def test_segmentation_edge_network_gives_logits_at_the_input_size_from_the_grid_tokens():
+    from deltavision.mist.edge.network import SegmentationEdgeNetwork, build_edge
+
+    model = build_edge(segmentation_config()).eval()
+    assert isinstance(model, SegmentationEdgeNetwork)
+    features = torch.randn(2, TOKENS, WIDTH)
+    logits = model(features)
+    assert logits.shape == (2, 3, SIZE, SIZE)
+    changed = features.clone()
+    changed[:, 0] = torch.randn(2, WIDTH)  # the class token: dropped before the decoder (untrained LAE = identity)
+    torch.testing.assert_close(model(changed), logits)
+    changed[:, PREFIX + 5] = torch.randn(2, WIDTH)  # grid cell (1, 1) (row-major): changes the logits near it only
+    difference = (model(changed) - logits).abs().sum(dim=(0, 1))
+    cell = SIZE // GRID[0]
+    assert difference[cell : 2 * cell, cell : 2 * cell].min() > 0
+    assert difference[-cell // 2 :, -cell // 2 :].max() == 0  # cell (3, 3)'s far half: its 3x3 conv misses cell (1, 1)
+    with pytest.raises(ValueError, match="prefix tokens plus"):
+        segmentation_config(grid=[5, 4])
+
+
+def test_tokens_to_map_inverts_the_services_token_layout():
+    from deltavision.anatomy.layout import Grid, join_tokens, to_tokens
+    from deltavision.mist.edge.network import tokens_to_map
+
+    patch_map = torch.randn(2, WIDTH, 3, 5)
+    assert torch.equal(tokens_to_map(to_tokens(patch_map, "nchw"), 0, (3, 5)), patch_map)
+    assert torch.equal(tokens_to_map(to_tokens(patch_map.permute(0, 2, 3, 1), "nhwc"), 0, (3, 5)), patch_map)
+    prefix = torch.randn(2, 2, WIDTH)
+    vit_tokens = join_tokens(prefix, patch_map, Grid("tokens", 3, 5, 2))
+    assert torch.equal(tokens_to_map(vit_tokens, 2, (3, 5)), patch_map)
+
+
+def test_segmentation_edge_round_trip_records_the_task(tmp_path):
+    from deltavision.mist.edge.network import SegmentationEdgeNetwork, build_edge
+
+    model = build_edge(segmentation_config())
+    model.train()(torch.randn(4, TOKENS, WIDTH))  # moves the BatchNorm statistics
+    torch.nn.init.normal_(model.blocks[0].attn.proj.weight)
+    save_edge(model, tmp_path / "edge")
+    saved = json.loads((tmp_path / "edge" / "edge_config.json").read_text())
+    assert saved["task"] == "segmentation" and saved["grid"] == list(GRID) and saved["image_size"] == SIZE
+    loaded = load_edge(tmp_path / "edge")
+    assert isinstance(loaded, SegmentationEdgeNetwork)
+    features = torch.randn(2, TOKENS, WIDTH)
+    torch.testing.assert_close(loaded(features), model.eval()(features))
+    saved["grid"] = [9, 9]
+    (tmp_path / "edge" / "edge_config.json").write_text(json.dumps(saved))
+    with pytest.raises(AdapterFileError, match="prefix tokens plus"):
+        load_edge(tmp_path / "edge")
+
+
+def test_mask_store_keeps_rows_in_order_and_refuses_damaged_or_foreign_labels(tmp_path):
+    store = FeatureStore(tmp_path, "fp")
+    masks = torch.randint(0, 3, (5, 8, 8), dtype=torch.uint8)
+    masks[2, 0, 0] = 255
+    path = store.write_masks(8, hashes(5), masks)
+    reopened = FeatureStore(tmp_path, "fp")
+    read = reopened.read_masks(8, ["h0004", "h0002", "h0000"], num_classes=3)
+    assert read.dtype == torch.int64 and torch.equal(read, masks[[4, 2, 0]].long())
+    assert reopened.missing_masks(hashes(6), 8) == ["h0005"] and reopened.missing_masks(hashes(5), 16) == hashes(5)
+    with pytest.raises(AdapterFileError, match="label 2, but there are 2 classes"):
+        reopened.read_masks(8, ["h0001"], num_classes=2)
+    overwrite_tail(path, 0x07, count=64)
+    damaged = FeatureStore(tmp_path, "fp")
+    assert damaged.missing_masks(hashes(5), 8) == hashes(5) and damaged.damaged_masks(8) == [path]
+
+
+def test_masks_are_resized_with_nearest_neighbour():
+    import numpy as np
+
+    from deltavision.mist.edge.masks import resize_mask
+
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[:20, :30], mask[20:, 30:] = 3, 255
+    resized = resize_mask(mask, 16)
+    assert resized.shape == (16, 16) and resized.dtype == torch.uint8
+    assert set(resized.unique().tolist()) == {0, 3, 255}  # no blended labels
+    assert resized[:8, :8].eq(3).all() and resized[8:, 8:].eq(255).all() and resized[:8, 8:].eq(0).all()
+
+
+def test_fashion_scenes_are_sent_as_png_with_their_own_masks():
+    import io as bytes_io
+
+    import numpy as np
+    from PIL import Image
+
+    from deltavision.data.scenes import load_scenes
+    from deltavision.mist.edge.masks import segmented_images
+
+    images = segmented_images("fashion-scenes", train_limit=3, val_limit=2)
+    assert len(images.train) == 3 and len(images.val) == 2 and images.classes[0] == "background"
+    scenes = load_scenes("val", 2)
+    for item, pixels, mask in zip(images.val, scenes.images, scenes.semantic_masks()):
+        assert np.array_equal(np.asarray(Image.open(bytes_io.BytesIO(item.read()))), pixels)
+        assert np.array_equal(images.masks[item.digest](), mask)
+
+
+def grid_task_cache(root: Path, count: int = 32) -> tuple[FeatureStore, list[str]]:
+    """Features whose grid tokens say their cell's class (channel c lit), masks the cells upsampled."""
+    generator = torch.Generator().manual_seed(0)
+    cells = torch.randint(0, 3, (count, *GRID), generator=generator)
+    features = torch.randn(count, TOKENS, WIDTH, generator=generator) * 0.5
+    features[:, PREFIX:, :3] += 3.0 * torch.nn.functional.one_hot(cells.flatten(1), 3)
+    masks = cells.repeat_interleave(SIZE // GRID[0], 1).repeat_interleave(SIZE // GRID[1], 2).to(torch.uint8)
+    store, names = FeatureStore(root, "fp"), hashes(count)
+    store.write_shard(2, "float16", names, features.half(), None)
+    store.write_masks(SIZE, names, masks)
+    return store, names
+
+
+def test_segmentation_edge_learns_and_logs_miou_per_epoch(tmp_path):
+    import csv
+
+    from deltavision.mist.edge.fit import MaskedFeatureSet, evaluate_segmentation_edge, train_segmentation_edge
+    from deltavision.mist.edge.network import build_edge
+
+    store, names = grid_task_cache(tmp_path / "cache")
+    train_set = MaskedFeatureSet(store, 2, "float16", names[:24], SIZE, 3, (TOKENS, WIDTH))
+    val = MaskedFeatureSet(store, 2, "float16", names[24:], SIZE, 3, (TOKENS, WIDTH))
+    torch.manual_seed(0)
+    model = build_edge(segmentation_config(dtype="float16"))
+    before = evaluate_segmentation_edge(model, val)
+    config = FitConfig(epochs=4, batch_size=8, lr=1e-2, progress=False, warmup_epochs=0.5)
+    history = train_segmentation_edge(model, train_set, val, config, tmp_path / "run")
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").read_text().splitlines()))
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4]
+    assert {"miou", "pixel_acc", "iou/a", "iou/b", "iou/c"} <= set(rows[0])
+    assert float(rows[-1]["miou"]) == pytest.approx(history[-1]["miou"])
+    assert history[-1]["miou"] > max(60.0, before["miou"] + 20.0), (before, history[-1])
+
+
+def test_offline_segmentation_fit_refuses_a_classification_cache(tmp_path):
+    from deltavision.errors import DeltaVisionError
+
+    offline_cache(tmp_path / "cache")
+    with pytest.raises(DeltaVisionError, match="holds a classification dataset.*--task classification"):
+        fit_offline(tmp_path / "cache", tmp_path / "edge", task="segmentation")

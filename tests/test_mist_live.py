@@ -4,6 +4,7 @@ End-to-end edge training on real digits through the CLI, resuming an interrupted
 feature download without refetching, and a bounded concurrent load.
 """
 
+import csv
 import io
 import json
 import os
@@ -263,3 +264,100 @@ def test_bounded_concurrent_load_has_no_failures(server):
     assert all(torch.equal(row, shared_rows[0]) for row in shared_rows)
     after = stats(server)["batching"]
     assert after["images_computed"] - computed_before == threads * requests_each + 1
+
+
+# --- segmentation on the edge (MIST appendix Sec. 8), against the live service ----------------------
+
+SEGMENTATION_EDGE_SCRIPT = """
+import importlib.abc, json, os, sys
+
+opened = []
+
+
+def audit(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        opened.append(os.path.abspath(os.fsdecode(args[0])))
+
+
+class RefuseTimm(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("timm", "segmentation_models_pytorch"):
+            raise ImportError("an edge device has no timm")
+        return None
+
+
+sys.addaudithook(audit)
+sys.meta_path.insert(0, RefuseTimm())
+from deltavision.mist.cli import app
+
+for arguments in json.loads(sys.argv[1]):
+    app(arguments, standalone_mode=False)
+weights = [path for path in opened if path.endswith((".safetensors", ".pth", ".pt", ".bin", ".npz"))]
+print(json.dumps({"weights_opened": sorted(set(weights)),
+                  "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("timm", "segmentation_models_pytorch")
+                                    or m in ("deltavision.backbones", "deltavision.embedded", "deltavision.model.build",
+                                             "deltavision.anatomy") or m.startswith("deltavision.mist.server"))}))
+"""
+
+
+def squares_folder(root: Path, count: int = 16) -> Path:
+    """images/ + masks/ + classes.txt: dark noise with one red (1) or blue (2) square; one image is 40 x 24."""
+    rng = np.random.default_rng(5)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("background\nred\nblue\n")
+    for index in range(count):
+        height, width = (24, 40) if index == 0 else (32, 32)
+        pixels = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+        mask = np.zeros((height, width), dtype=np.uint8)
+        label, top, left = 1 + index % 2, rng.integers(0, height - 12), rng.integers(0, width - 12)
+        pixels[top : top + 12, left : left + 12] = (220, 30, 30) if label == 1 else (30, 30, 220)
+        mask[top : top + 12, left : left + 12] = label
+        Image.fromarray(pixels).save(root / "images" / f"scene{index:02d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"scene{index:02d}.png")
+    return root
+
+
+def test_segmentation_edge_end_to_end_without_timm_or_backbone_weights(server, tmp_path):
+    """fit (k chosen by mIoU), eval and predict through the CLI in a process where timm cannot be imported."""
+    data, out, masks = squares_folder(tmp_path / "squares"), tmp_path / "edge", tmp_path / "masks"
+    common = ["--server", server, "--token", TOKEN, "--no-low-memory"]
+    commands = [
+        ["edge", "fit", "--task", "segmentation", "--data", str(data), "--out", str(out), "--val-fraction", "0.25",
+         "--k", "auto", "--select-epochs", "1", "--epochs", "3", "--batch-size", "4", "--lr", "1e-2",
+         "--decoder-width", "16", *common],
+        ["edge", "eval", str(out), "--json", *common],
+        ["edge", "eval", str(out), *common],
+        ["edge", "predict", str(out), str(data / "images" / "scene00.png"), str(data / "images" / "scene01.png"),
+         "--out", str(masks), "--json", *common],
+    ]  # fmt: skip
+    before = stats(server)["images_received"]
+    result = subprocess.run(
+        [sys.executable, "-c", SEGMENTATION_EDGE_SCRIPT, json.dumps(commands)], capture_output=True, text=True,
+        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "DELTAVISION_TOKEN": TOKEN},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["modules"] == []
+    assert all(Path(path).is_relative_to(tmp_path) for path in report["weights_opened"]), report["weights_opened"]
+    assert stats(server)["images_received"] - before == 16 + 2  # the folder once (all four k), then the predicted files
+
+    config = read_edge_config(out)
+    assert config.task == "segmentation" and config.grid == [4, 4] and config.num_prefix_tokens == 1
+    assert config.image_size == 32 and set(config.training["k_scores"]) == {"1", "2", "3", "4"}
+    rows = list(csv.DictReader((out / "log.csv").read_text().splitlines()))
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    assert {"miou", "pixel_acc", "iou/background", "iou/red", "iou/blue"} <= set(rows[0])
+    assert float(rows[-1]["miou"]) == pytest.approx(config.training["miou"])
+
+    lines = result.stdout.splitlines()
+    evaluated = json.loads(next(line for line in lines if line.startswith('{"val_loss"')))
+    assert evaluated["images"] == 4 and evaluated["miou"] == pytest.approx(config.training["miou"], abs=1e-6)
+    assert any(line.startswith("mIoU ") and "on 4 images" in line for line in lines)
+    assert any("IoU %" in line for line in lines) and any("blue" in line for line in lines)
+
+    predicted = [json.loads(line) for line in lines if line.startswith('{"image"')]
+    assert [Path(row["mask"]).name for row in predicted] == ["scene00.png", "scene01.png"]
+    with Image.open(masks / "scene00.png") as mask:
+        assert mask.mode == "P" and mask.size == (40, 24)  # the image's own size, not the service's 32 x 32
+        assert set(np.unique(np.asarray(mask))) <= {0, 1, 2}

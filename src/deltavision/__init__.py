@@ -16,6 +16,8 @@ _LAZY = {
     "create_model": "model",
     "load_adapter": "model",
     "merge": "model",
+    "push_adapter": "model",
+    "export_adapter": "export",
     "save_adapter": "model",
     "set_train_mode": "model",
 }

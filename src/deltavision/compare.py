@@ -41,6 +41,7 @@ NOISE_SE = 2.0  # differences to the best method up to this many standard errors
 class CompareConfig:
     backbone: str = EMBEDDED_BACKBONE
     data: str = EMBEDDED_DATA
+    data_options: dict[str, Any] = field(default_factory=dict)  # see deltavision.data.build_datasets
     methods: tuple[str, ...] = ()
     out_dir: str = "runs/compare"
     image_size: int | None = 64
@@ -186,6 +187,7 @@ def _run_config(config: CompareConfig, method: str, seed: int) -> RunConfig:
         backbone=config.backbone,
         method=method,
         data=config.data,
+        data_options=dict(config.data_options),
         out_dir=str(Path(config.out_dir) / folder),
         options=config.method_options.get(method, {}),
         image_size=config.image_size,

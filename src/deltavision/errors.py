@@ -34,6 +34,14 @@ class WeightsUnavailableError(DeltaVisionError):
     """Pretrained weights could not be found locally nor downloaded."""
 
 
+class HubError(DeltaVisionError):
+    """An adapter could not be fetched from, or pushed to, the Hugging Face Hub."""
+
+
+class ExportError(DeltaVisionError):
+    """A model could not be exported, or its export does not compute what the model computes."""
+
+
 class DataError(DeltaVisionError):
     """A dataset or image could not be read."""
 

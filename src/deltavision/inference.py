@@ -8,11 +8,12 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from .data import build_datasets
+from .data.segmentation import build_segmentation_datasets
 from .errors import AdapterFileError, DataError
 from .io import refuse_overwrite, save_tensors
-from .model import load_adapter, merge, read_adapter_config
+from .model import load_adapter, merge, read_adapter_config, resolve_adapter
 from .train.device import check_precision, resolve_device
-from .train.loop import evaluate
+from .train.objectives import objective_for
 
 
 def evaluate_saved_adapter(
@@ -24,8 +25,9 @@ def evaluate_saved_adapter(
     The split is rebuilt from the run's resolved settings (source, seed,
     validation fraction, limits, input size, normalisation). ``data`` or
     ``val_limit`` other than the run's change what is scored: the result then
-    carries a ``warning`` saying how.
+    carries a ``warning`` saying how. ``adapter`` may be an ``hf-hub:`` id.
     """
+    adapter = resolve_adapter(adapter)
     config = read_adapter_config(adapter)
     run = config.get("run") or _legacy_run_settings(config)
     if not run.get("data") or not config.get("data"):
@@ -37,12 +39,20 @@ def evaluate_saved_adapter(
     limit = run.get("val_limit") if val_limit is None else val_limit
     if limit != run.get("val_limit"):
         warnings.append(f"--val-limit {val_limit} differs from the run's {run.get('val_limit')}: a different subset")
-    data_cfg = config["data"]
-    splits = build_datasets(
-        source, image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"],
+    data_cfg, task = config["data"], config.get("task", "classification")
+    common = dict(
+        image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"],
         val_fraction=run.get("val_fraction", 0.2), train_limit=run.get("train_limit"), val_limit=limit,
         augment=False, seed=run.get("train", {}).get("seed", config.get("seed", 0)),
     )
+    if task == "segmentation":
+        splits = build_segmentation_datasets(source, **common)
+    elif task in ("detection", "instance"):
+        from .data.detection import build_detection_datasets
+
+        splits = build_detection_datasets(source, masks=task == "instance", **common)
+    else:
+        splits = build_datasets(source, data_options=run.get("data_options"), **common)
     if len(splits.classes) != config["num_classes"]:
         raise DataError(
             f"{source} has {len(splits.classes)} classes but the adapter was trained for {config['num_classes']}"
@@ -50,9 +60,10 @@ def evaluate_saved_adapter(
     target = resolve_device(device)
     check_precision(target, precision)
     model = load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint).to(target)
-    metrics = evaluate(model, DataLoader(splits.val, batch_size=batch_size), progress=True, device=target,
-                       precision=precision)
-    return {**metrics, "images": len(splits.val), "data": source, "warnings": warnings}
+    objective = objective_for(task, splits.classes)
+    loader = DataLoader(splits.val, batch_size=batch_size, collate_fn=objective.collate)
+    metrics = objective.evaluate(model, loader, progress=True, device=target, precision=precision)
+    return {**metrics, "task": task, "images": len(splits.val), "data": source, "warnings": warnings}
 
 
 def _legacy_run_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -63,10 +74,25 @@ def _legacy_run_settings(config: dict[str, Any]) -> dict[str, Any]:
 def merge_saved_adapter(adapter: Path, out: Path, checkpoint, pretrained: bool, overwrite: bool) -> str:
     """Write the folded model's full state dict; return the timm call that loads it."""
     refuse_overwrite(out, overwrite)
+    adapter = resolve_adapter(adapter)
     config = read_adapter_config(adapter)
     plain = merge(load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint))
     save_tensors(plain.state_dict(), out, metadata={"format": "pt"})
+    if config.get("task", "classification") != "classification":
+        return dense_loading_call(config, out)
     return timm_loading_call(config["backbone"], config["num_classes"], out, config.get("backbone_options"))
+
+
+def dense_loading_call(config: dict[str, Any], file) -> str:
+    """The calls that load a merged dense model: its structure with a plain backbone ("full"), then the weights."""
+    options = f", backbone_options={config['backbone_options']!r}" if config.get("backbone_options") else ""
+    if config.get("head_options"):
+        options += f", head_options={config['head_options']!r}"
+    return (
+        f"model = deltavision.create_model({config['backbone']!r}, 'full', {config['num_classes']}, "
+        f"task={config['task']!r}, head={config['head']!r}, pretrained=False{options}); "
+        f"model.load_state_dict(safetensors.torch.load_file({str(file)!r}))"
+    )
 
 
 def timm_loading_call(backbone: str, num_classes: int, file, backbone_options: dict | None = None) -> str:

@@ -22,7 +22,7 @@ from torch import nn
 from .backbones import create_backbone
 from .errors import AdapterFileError, DeltaVisionError, IncompatibleMethodError
 from .methods import get_method, list_methods
-from .model import adapt, load_adapter, read_adapter_config, save_adapter
+from .model import adapt, load_adapter, read_adapter_config, resolve_adapter, save_adapter
 
 
 class MultiTaskModel(nn.Module):
@@ -90,7 +90,8 @@ class MultiTaskModel(nn.Module):
         return save_adapter(self.task(name), directory)
 
     def load_task(self, name: str, directory: str | Path) -> nn.Module:
-        """Attach the adapter saved in ``directory`` (for this backbone) as task ``name``."""
+        """Attach the adapter saved in ``directory`` (for this backbone; or an ``hf-hub:`` id) as task ``name``."""
+        directory = resolve_adapter(directory)
         config = read_adapter_config(directory)
         saved_backbone = [config["backbone"], config.get("backbone_options") or {}]
         if saved_backbone != json.loads(json.dumps([self.backbone_name, self.backbone_options])):

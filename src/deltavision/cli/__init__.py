@@ -20,6 +20,10 @@ from ..mist.cli import edge_app, serve_command  # noqa: E402
 app.command("serve")(serve_command)
 app.add_typer(edge_app, name="edge")
 
+from .bench import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
+
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Our own warnings as one ``warning:`` line; others as Python shows them."""

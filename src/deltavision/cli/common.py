@@ -31,8 +31,14 @@ DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps."
 PRECISION_HELP = "fp32, bf16 (autocast; works on CPUs too) or fp16 (autocast + gradient scaling; GPUs only)."
 BACKBONE_OPT_HELP = "timm keyword argument as key=value (repeatable), e.g. --backbone-opt drop_path_rate=0.1."
 CHECKPOINT_HELP = "Local backbone weights (.safetensors/.pth) instead of the hub; needed offline."
+ADAPTER_HELP = (
+    "Adapter folder written by `deltavision train` (e.g. runs/flowers/adapter), or a Hugging Face Hub id "
+    "hf-hub:org/name[@revision] (downloaded once into the hub cache; offline, the cached copy is used)."
+)
 DATA_HELP = (
-    "An image folder (train/ and val/ subfolders, or class folders to split) or fashion-mnist, mnist5k, digits. "
+    "An image folder (train/ and val/ subfolders, or class folders to split); fashion-mnist, mnist5k, digits; "
+    "hf:NAME[:CONFIG] (Hugging Face datasets; also a save_to_disk folder or a .parquet file); "
+    "torchvision:NAME (with --data-root); or vtab:ROOT/TASK (a VTAB-1k task folder; add :tune for train800/val200). "
     "Segmentation: fashion-scenes (offline composites of real images) or a Pascal VOC, ADE20K or images/ + masks/ "
     "folder."
 )
@@ -44,6 +50,10 @@ HEAD_HELP = (
     "Segmentation head: upernet (default) or fpn (lighter). Detection: fasterrcnn (default) or retinanet; "
     "instance: maskrcnn."
 )
+IMAGE_COLUMN_HELP = "hf: data: the image column [default: the one of feature type Image]."
+LABEL_COLUMN_HELP = "hf: data: the label column [default: the one of feature type ClassLabel]."
+DATA_ROOT_HELP = "torchvision: data: the folder the dataset is kept in."
+DOWNLOAD_HELP = "torchvision: data: download the dataset into --data-root if it is not there."
 
 
 def _options(pairs: Optional[List[str]]) -> dict:
@@ -56,6 +66,13 @@ def _backbone_options(pairs: Optional[List[str]]) -> dict:
     from ..options import backbone_options
 
     return backbone_options(pairs)
+
+
+def _data_options(image_column: Optional[str], label_column: Optional[str], data_root, download: bool) -> dict:
+    """The data options the user gave (see deltavision.data.build_datasets), unset ones left out."""
+    given = {"image_column": image_column, "label_column": label_column,
+             "data_root": str(data_root) if data_root else None, "download": download or None}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def _given(ctx: typer.Context, name: str) -> bool:

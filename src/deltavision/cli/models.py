@@ -1,4 +1,8 @@
-"""Commands about methods and saved adapters: methods, params, eval, merge."""
+"""Commands about methods and saved adapters: methods, params, eval, predict, merge, export, push.
+
+Every command that takes an adapter accepts a folder or a Hugging Face Hub id
+(``hf-hub:org/name[@revision]``, fetched once into the hub cache).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import typer
 from rich.table import Table
 
 from .common import (
-    BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, OPT_HELP, PRECISION_HELP,
+    ADAPTER_HELP, BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, HEAD_HELP, OPT_HELP,
+    PRECISION_HELP, TASK_HELP,
     _backbone_options, _options, app, console, err_console,
 )
 
@@ -55,6 +60,8 @@ def params(
     num_classes: int = typer.Option(..., min=1, help="Classes of the new head."),
     opt: Optional[List[str]] = typer.Option(None, help=OPT_HELP),
     backbone_opt: Optional[List[str]] = typer.Option(None, help=BACKBONE_OPT_HELP),
+    task: str = typer.Option("classification", help=TASK_HELP),
+    head: Optional[str] = typer.Option(None, help=HEAD_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
     """Count trainable and total parameters (builds the model with random weights; no download)."""
@@ -62,12 +69,12 @@ def params(
 
     model = create_model(
         backbone, method, num_classes, pretrained=False, backbone_options=_backbone_options(backbone_opt),
-        **_options(opt),
+        task=task, head=head, **_options(opt),
     )
     counts = count_parameters(model)
     counts["trainable_pct"] = round(100.0 * counts["trainable"] / counts["total"], 4)
     if as_json:
-        print(json.dumps({"backbone": backbone, "method": method, "num_classes": num_classes, **counts}))
+        print(json.dumps({"backbone": backbone, "method": method, "task": task, "num_classes": num_classes, **counts}))
     else:
         console.print(
             f"{backbone} + {method}: {counts['trainable']:,} trainable of {counts['total']:,} "
@@ -79,7 +86,7 @@ def params(
 
 @app.command("eval")
 def evaluate_adapter(
-    adapter: Path = typer.Argument(..., help="Adapter folder written by `deltavision train`."),
+    adapter: str = typer.Argument(..., help=ADAPTER_HELP),
     data: Optional[str] = typer.Option(None, help=DATA_HELP + " [default: the training data]"),
     batch_size: int = typer.Option(64, min=1),
     val_limit: Optional[int] = typer.Option(None, min=1),
@@ -97,6 +104,21 @@ def evaluate_adapter(
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(metrics))
+    elif metrics["task"] == "segmentation":
+        table = Table("class", "IoU (%)")
+        for key, value in metrics.items():
+            if key.startswith("iou/"):
+                table.add_row(key[4:], "absent" if value != value else f"{value:.2f}")
+        console.print(table)
+        console.print(
+            f"mIoU {metrics['miou']:.2f}%, pixel accuracy {metrics['pixel_acc']:.2f}% on {metrics['images']} "
+            f"validation images of {metrics['data']}", highlight=False,
+        )
+    elif metrics["task"] in ("detection", "instance"):
+        kinds = ("box", "mask") if metrics["task"] == "instance" else ("box",)
+        scores = "; ".join(f"{kind} AP {metrics[f'{kind}_ap']:.2f}, AP50 {metrics[f'{kind}_ap50']:.2f}, "
+                           f"AP75 {metrics[f'{kind}_ap75']:.2f}" for kind in kinds)
+        console.print(f"{scores} on {metrics['images']} validation images of {metrics['data']}", highlight=False)
     else:
         console.print(
             f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on {metrics['images']} validation images "
@@ -105,17 +127,105 @@ def evaluate_adapter(
 
 
 @app.command()
+def predict(
+    adapter: str = typer.Argument(..., help=ADAPTER_HELP),
+    images: List[Path] = typer.Argument(..., help="Image files to predict."),
+    out: Optional[Path] = typer.Option(
+        None, help="Folder for the overlay PNGs (segmentation, detection, instance; required there)."
+    ),
+    score_threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Detection: draw boxes scoring at least this."),
+    top: int = typer.Option(3, min=1, help="Classification: how many classes to show per image."),
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Predict image files: the top classes of a classifier, or a PNG per image in --out: a segmentation
+    overlay (class colours over the image, with a legend), or detections (boxes, class names, scores, masks)."""
+    from ..predict import predict_images
+
+    results = predict_images(adapter, images, out, top=top, pretrained=pretrained, checkpoint=checkpoint,
+                             device=device, score_threshold=score_threshold)
+    if as_json:
+        print(json.dumps(results))
+        return
+    for result in results:
+        if "detections" in result:
+            found = ", ".join(f"{d['class']} {d['score']:.2f}" for d in result["detections"]) or "nothing"
+            console.print(f"{result['image']}: {result['overlay']} ({found})", highlight=False, soft_wrap=True)
+        elif "overlay" in result:
+            shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in result["classes"].items())
+            console.print(f"{result['image']}: {result['overlay']} ({shares})", highlight=False, soft_wrap=True)
+        else:
+            guesses = ", ".join(f"{name} {100 * p:.1f}%" for name, p in result["top"])
+            console.print(f"{result['image']}: {guesses}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def merge(
-    adapter: Path = typer.Argument(..., help="Adapter folder of a method that folds (ssf, lora and the baselines)."),
+    adapter: str = typer.Argument(..., help=ADAPTER_HELP + " Its method must fold (ssf, lora and the baselines)."),
     out: Path = typer.Option(..., help="Output .safetensors file of the plain timm model."),
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
     pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
-    """Fold an adapter into its backbone: a plain timm state dict, loadable without deltavision."""
+    """Fold an adapter into its backbone: a plain timm state dict, loadable without deltavision
+    (segmentation: the model with a plain timm backbone, loadable as printed)."""
     from ..inference import merge_saved_adapter
 
     snippet = merge_saved_adapter(adapter, out, checkpoint, pretrained, overwrite)
-    console.print(f"wrote {out}; load it with plain timm:\n  {snippet}", soft_wrap=True, highlight=False)
+    how = "with plain timm" if snippet.startswith("timm.") else "with deltavision (plain timm backbone, no adapter)"
+    console.print(f"wrote {out}; load it {how}:\n  {snippet}", soft_wrap=True, highlight=False)
 
 
+@app.command("export")
+def export_model(
+    adapter: str = typer.Argument(..., help=ADAPTER_HELP),
+    out: Path = typer.Option(..., help="Output file, e.g. model.onnx or model.pt (written atomically)."),
+    format: str = typer.Option("onnx", "--format", help="onnx (run it with onnxruntime) or torchscript (torch.jit.load)."),
+    image_size: Optional[int] = typer.Option(
+        None, min=8, help="Input height and width [default: the run's, else the backbone's]."
+    ),
+    tolerance: float = typer.Option(
+        1e-4, min=0.0, help="Largest logit difference from PyTorch accepted when the written file is checked."
+    ),
+    checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
+    pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Export an adapter's model with a dynamic batch axis: methods that fold (ssf, lora, the baselines) as the
+    plain merged timm graph, the others (mona, houlsby, adaptformer, e3va, vpt) with their modules. The written
+    file is run on a fresh batch and compared with PyTorch; one that differs by more than --tolerance is not kept."""
+    from ..export import export_adapter
+
+    result = export_adapter(
+        adapter, out, format, image_size=image_size, pretrained=pretrained, checkpoint=checkpoint,
+        tolerance=tolerance, overwrite=overwrite,
+    )
+    graph = "merged plain timm graph" if result.merged else "with the method's modules"
+    console.print(
+        f"wrote {result.path} ({result.format}, {graph}, input N x 3 x {result.image_size} x {result.image_size}); "
+        f"max logit difference from PyTorch {result.max_difference:.2e}",
+        soft_wrap=True, highlight=False,
+    )
+
+
+@app.command()
+def push(
+    adapter: Path = typer.Argument(..., help="Adapter folder written by `deltavision train` (e.g. runs/flowers/adapter)."),
+    repo: str = typer.Option(..., help="Hub repository org/name (created if missing)."),
+    private: bool = typer.Option(False, help="Create the repository as private."),
+    revision: Optional[str] = typer.Option(None, help="Branch to commit to [default: main]."),
+    token: Optional[str] = typer.Option(None, help=(
+        "Hub token [default: the HF_TOKEN variable or `hf auth login`'s, which keep it out of shell history]."
+    )),
+    message: Optional[str] = typer.Option(None, help="Commit message."),
+) -> None:
+    """Upload an adapter to the Hugging Face Hub with a generated model card (backbone, method, options, trainable
+    parameters, the run's metrics and curves, how to load it). The run's log.csv and curves.png are uploaded
+    too when they sit next to the adapter folder. Load it back with dv.load_adapter("hf-hub:org/name")."""
+    from ..model.hub import push_adapter
+
+    url = push_adapter(adapter, repo, private=private, revision=revision, token=token, commit_message=message)
+    console.print(f"pushed {adapter} to {repo}: {url}", soft_wrap=True, highlight=False, markup=False)
+    console.print(f'load it with dv.load_adapter("hf-hub:{repo}")', soft_wrap=True, highlight=False, markup=False)

@@ -12,14 +12,19 @@ from rich.table import Table
 
 from ..defaults import EMBEDDED_BACKBONE, EMBEDDED_DATA
 from .common import (
-    BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DEVICE_HELP, HEAD_HELP, LOW_MEMORY_HELP, OPT_HELP,
-    PRECISION_HELP, TASK_HELP, _backbone_options, _given, _options, app, console, err_console,
+    BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DATA_ROOT_HELP, DEVICE_HELP, DOWNLOAD_HELP,
+    HEAD_HELP, IMAGE_COLUMN_HELP, LABEL_COLUMN_HELP, LOW_MEMORY_HELP, OPT_HELP, PRECISION_HELP, TASK_HELP,
+    _backbone_options, _data_options, _given, _options, app, console, err_console,
 )
 
 @app.command()
 def train(
     ctx: typer.Context,
     data: Optional[str] = typer.Option(None, help=DATA_HELP + " Required unless --resume."),
+    image_column: Optional[str] = typer.Option(None, help=IMAGE_COLUMN_HELP),
+    label_column: Optional[str] = typer.Option(None, help=LABEL_COLUMN_HELP),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    download: bool = typer.Option(False, "--download", help=DOWNLOAD_HELP),
     backbone: str = typer.Option(EMBEDDED_BACKBONE, help=BACKBONE_HELP),
     method: str = typer.Option("ssf", help="Tuning method (see `deltavision methods`)."),
     task: str = typer.Option("classification", help=TASK_HELP),
@@ -61,7 +66,8 @@ def train(
     from ..train.run import RunConfig, run_training
 
     config = RunConfig(
-        backbone=backbone, method=method, task=task, head=head, data=data or "", out_dir=str(out), options=_options(opt),
+        backbone=backbone, method=method, task=task, head=head, data=data or "", out_dir=str(out),
+        options=_options(opt), data_options=_data_options(image_column, label_column, data_root, download),
         image_size=image_size, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit,
         pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None, augment=augment,
         backbone_options=_backbone_options(backbone_opt), resume=resume, overwrite=overwrite,
@@ -93,8 +99,9 @@ def train(
 
 
 TRAIN_FLAGS = {  # CLI parameter -> (RunConfig field, inside TrainConfig)
-    "data": ("data", False), "backbone": ("backbone", False), "method": ("method", False),
-    "task": ("task", False), "head": ("head", False),
+    "data": ("data", False), "image_column": ("data_options", False), "label_column": ("data_options", False),
+    "data_root": ("data_options", False), "download": ("data_options", False), "backbone": ("backbone", False),
+    "method": ("method", False), "task": ("task", False), "head": ("head", False),
     "opt": ("options", False), "backbone_opt": ("backbone_options", False), "image_size": ("image_size", False),
     "val_fraction": ("val_fraction", False), "train_limit": ("train_limit", False),
     "val_limit": ("val_limit", False), "augment": ("augment", False), "pretrained": ("pretrained", False),
@@ -175,6 +182,10 @@ def plan_methods(
 @app.command("compare")
 def compare_methods(
     data: str = typer.Option(EMBEDDED_DATA, help=DATA_HELP),
+    image_column: Optional[str] = typer.Option(None, help=IMAGE_COLUMN_HELP),
+    label_column: Optional[str] = typer.Option(None, help=LABEL_COLUMN_HELP),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
+    download: bool = typer.Option(False, "--download", help=DOWNLOAD_HELP),
     backbone: str = typer.Option(EMBEDDED_BACKBONE, help=BACKBONE_HELP),
     method: Optional[List[str]] = typer.Option(None, help="Methods to compare (repeatable) [default: all]."),
     out: Path = typer.Option(Path("runs/compare"), help="Folder for runs, compare.md/.csv and the plot."),
@@ -203,6 +214,7 @@ def compare_methods(
 
     config = CompareConfig(
         backbone=backbone, data=data, methods=tuple(method or ()), out_dir=str(out), image_size=image_size,
+        data_options=_data_options(image_column, label_column, data_root, download),
         train_limit=train_limit, val_limit=val_limit, augment=augment, pretrained=pretrained,
         checkpoint=str(checkpoint) if checkpoint else None, overwrite=overwrite, seeds=seeds, nproc=nproc,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,

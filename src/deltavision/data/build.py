@@ -1,14 +1,19 @@
-"""``build_datasets``: train/val torch datasets from an image folder or a bundled dataset name."""
+"""``build_datasets``: train/val torch datasets from any ``--data`` source.
 
-from collections.abc import Sequence
+Sources: an image folder, a bundled dataset name, ``hf:NAME[:CONFIG]`` (or a ``save_to_disk``
+folder or ``.parquet`` file), ``torchvision:NAME`` and ``vtab:ROOT/TASK[:tune]``.
+"""
+
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from deltavision.data import hub, torchvision_sets, vtab
 from deltavision.data.bundled import BUNDLED_LOADERS, bundled_name
-from deltavision.data.datasets import ArrayImageDataset, ImageFileDataset
+from deltavision.data.datasets import ArrayImageDataset, FetchedImageDataset, ImageFileDataset
 from deltavision.data.folder import check_image_files, scan_image_folder
 from deltavision.data.sampling import stratified_split, stratified_subset
 from deltavision.data.transforms import make_transforms
@@ -16,6 +21,8 @@ from deltavision.errors import DataError
 
 # Distinct seed streams, so that splitting and each limit draw independent samples.
 SPLIT_STREAM, TRAIN_LIMIT_STREAM, VAL_LIMIT_STREAM = 0, 1, 2
+SOURCE_PREFIXES = ("hf", "torchvision", "vtab")
+DATA_OPTIONS = ("image_column", "label_column", "data_root", "download")
 
 
 @dataclass
@@ -54,7 +61,7 @@ class _Options:
         return stratified_split(labels, self.val_fraction, seed=(self.seed, SPLIT_STREAM))
 
 
-Pool = ArrayImageDataset | ImageFileDataset
+Pool = ArrayImageDataset | ImageFileDataset | FetchedImageDataset
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,85 @@ def _folder_splits(source: str | Path, options: _Options) -> DatasetSplits:
     return splits
 
 
+def _pool_pair(train: Pool, evaluation: Pool | None, options: _Options) -> tuple[_Part, _Part]:
+    """``(train, val)`` parts: the official evaluation pool whole, or a stratified split of ``train``."""
+    if evaluation is None:
+        return _split_part(train, options)
+    return _Part.whole(train), _Part.whole(evaluation)
+
+
+def _hub_splits(spec: str, options: _Options, data_options: Mapping) -> DatasetSplits:
+    """Splits of a Hugging Face dataset: its train and validation/test splits, or a split of its only one."""
+    loaded = hub.load_hub_splits(spec)
+    source = loaded.source
+    image, label = hub.hub_columns(
+        loaded.train, source, data_options.get("image_column"), data_options.get("label_column")
+    )
+    classes = hub.class_names(loaded.train, label) or hub.plain_classes(loaded.train, label)
+
+    def pool(dataset, split: str) -> FetchedImageDataset:
+        if label not in dataset.features or image not in dataset.features:
+            raise DataError(f"Hugging Face dataset {source}: its {split} split lacks the column {label!r} or {image!r}.")
+        labels = hub.hub_labels(dataset, label, classes, source, split)
+        return FetchedImageDataset(hub.HubImages(hub.as_image_column(dataset, image, source), image), labels)
+
+    evaluation = None if loaded.evaluation is None else pool(loaded.evaluation, "evaluation")
+    train, val = _pool_pair(pool(loaded.train, "train"), evaluation, options)
+    return _finish(f"hf:{spec}", classes, train, val, options, flip=True)
+
+
+def _torchvision_splits(name: str, options: _Options, data_options: Mapping) -> DatasetSplits:
+    """Splits of a torchvision dataset under ``data_root``: its own train/test (or val) split, else a stratified one."""
+    train_set, eval_set = torchvision_sets.load_torchvision(
+        name, data_options.get("data_root"), bool(data_options.get("download", False))
+    )
+    labels = torchvision_sets.dataset_labels(train_set)
+    train = FetchedImageDataset(torchvision_sets.TorchvisionImages(train_set), labels)
+    evaluation = None
+    if eval_set is not None:
+        evaluation = FetchedImageDataset(
+            torchvision_sets.TorchvisionImages(eval_set), torchvision_sets.dataset_labels(eval_set)
+        )
+    classes = torchvision_sets.dataset_classes(train_set, labels)
+    parts = _pool_pair(train, evaluation, options)
+    flip = type(train_set).__name__ not in torchvision_sets.NO_FLIP
+    return _finish(f"torchvision:{name}", classes, *parts, options, flip=flip)
+
+
+def _vtab_splits(spec: str, options: _Options) -> DatasetSplits:
+    """A VTAB-1k task: train800val200 -> test (the papers' protocol), or train800 -> val200 with ``:tune``.
+
+    No flips: they would change the label of orientation and position tasks.
+    """
+    task_dir, protocol = vtab.parse_vtab_source(spec)
+    train, evaluation, classes = vtab.read_vtab_task(task_dir, protocol)
+    parts = _Part.whole(ImageFileDataset(train.paths, train.labels)), _Part.whole(
+        ImageFileDataset(evaluation.paths, evaluation.labels)
+    )
+    return _finish(f"vtab:{spec}", classes, *parts, options, flip=False)
+
+
+def source_kind(source: str | Path) -> tuple[str, str | Path]:
+    """``(kind, rest)``: kind is hf, torchvision, vtab, bundled or folder."""
+    if isinstance(source, str):
+        prefix, sep, rest = source.partition(":")
+        if sep and prefix in SOURCE_PREFIXES:
+            return prefix, rest
+        name = bundled_name(source)
+        if name is not None:
+            return "bundled", name
+    path = Path(source).expanduser()
+    if hub.is_saved_dataset(path) or path.suffix == ".parquet":
+        return "hf", str(path)
+    return "folder", source
+
+
+def _check_data_options(data_options: Mapping) -> None:
+    unknown = sorted(set(data_options) - set(DATA_OPTIONS))
+    if unknown:
+        raise DataError(f"Unknown data option(s) {', '.join(unknown)}; known: {', '.join(DATA_OPTIONS)}.")
+
+
 def build_datasets(
     source: str | Path,
     *,
@@ -130,8 +216,16 @@ def build_datasets(
     val_limit: int | None = None,
     augment: bool = True,
     seed: int = 0,
+    data_options: Mapping | None = None,
 ) -> DatasetSplits:
-    """Build train/val datasets from an image folder path or a bundled dataset name.
+    """Build train/val datasets from an image folder path, a bundled dataset name or a prefixed source.
+
+    ``hf:NAME[:CONFIG]`` loads through Hugging Face ``datasets`` (a ``save_to_disk`` folder or a
+    ``.parquet`` file also works without the prefix); ``torchvision:NAME`` loads a torchvision
+    classification dataset from ``data_options["data_root"]`` (downloading only with
+    ``data_options["download"]``); ``vtab:ROOT/TASK`` reads a VTAB-1k task folder
+    (train800val200 -> test; ``vtab:ROOT/TASK:tune`` for train800 -> val200).
+    ``data_options`` may also name the ``image_column`` / ``label_column`` of a Hugging Face dataset.
 
     Bundled names (``fashion-mnist``, ``mnist5k``, ``digits``) take precedence over a folder of
     the same name; write ``./digits`` (or pass a Path) to mean the folder. Items are ``(tensor, label)``: RGB (grey
@@ -141,7 +235,15 @@ def build_datasets(
     verified up front; any user data problem raises :class:`~deltavision.errors.DataError`.
     """
     options = _Options(image_size, mean, std, val_fraction, train_limit, val_limit, augment, seed)
-    name = bundled_name(source) if isinstance(source, str) else None
-    if name is not None:
-        return _bundled_splits(name, options)
-    return _folder_splits(source, options)
+    data_options = dict(data_options or {})
+    _check_data_options(data_options)
+    kind, rest = source_kind(source)
+    if kind == "hf":
+        return _hub_splits(str(rest), options, data_options)
+    if kind == "torchvision":
+        return _torchvision_splits(str(rest), options, data_options)
+    if kind == "vtab":
+        return _vtab_splits(str(rest), options)
+    if kind == "bundled":
+        return _bundled_splits(str(rest), options)
+    return _folder_splits(rest, options)

@@ -77,3 +77,36 @@ class ImageFileDataset(Dataset):
         """A new dataset holding only ``indices``, optionally with another transform."""
         paths = [self.paths[i] for i in indices]
         return ImageFileDataset(paths, self.labels[indices], transform or self.transform)
+
+
+class FetchedImageDataset(Dataset):
+    """Images fetched by index from another store (a Hugging Face or torchvision dataset), labels held here.
+
+    ``fetch(i)`` returns the PIL image of the store's item ``i``; ``indices`` picks and orders the
+    store's items (all of them by default). Items are ``(transform(rgb_pil_image), int_label)``.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[int], Image.Image],
+        labels: Sequence[int] | np.ndarray,
+        indices: np.ndarray | None = None,
+        transform: Transform | None = None,
+    ):
+        self.fetch = fetch
+        self.indices = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)[self.indices]
+        self._all_labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int]:
+        image = to_rgb(self.fetch(int(self.indices[index])))
+        return _apply(self.transform, image), int(self.labels[index])
+
+    def subset(self, indices: np.ndarray, transform: Transform | None = None) -> "FetchedImageDataset":
+        """A new dataset holding only ``indices`` of this one, optionally with another transform."""
+        chosen = self.indices[np.asarray(indices, dtype=np.int64)]
+        return FetchedImageDataset(self.fetch, self._all_labels, chosen, transform or self.transform)

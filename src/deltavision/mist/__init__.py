@@ -14,9 +14,14 @@ keeps them on disk, :mod:`.edge.client` talks to the service and
 sides share; :mod:`.cli` holds the command lines.
 
 This ``__init__`` imports nothing eagerly (``Gather`` is loaded on first use),
-and no edge module imports timm or a server module (tests/test_mist_edge.py runs
-edge training where importing timm fails). Note that ``import deltavision``
-itself currently loads timm, through the model API its ``__init__`` re-exports.
+and no edge module imports timm or a server module (tests/test_mist_edge.py and
+tests/test_mist_live.py run edge training, classification and segmentation, where
+importing timm fails). ``import deltavision`` loads its model API lazily, so it
+does not load timm either.
+
+Segmentation (the paper's appendix Sec. 8) uses the same service; the edge adds
+:mod:`.edge.masks` (masks kept beside the features) and a decoder in
+:mod:`.edge.network`.
 """
 
 __all__ = ["Gather"]

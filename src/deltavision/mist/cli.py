@@ -21,7 +21,11 @@ TOKEN_HELP = "Bearer token shared by service and clients [env: DELTAVISION_TOKEN
 SERVER_HELP = "Feature service URL, e.g. http://127.0.0.1:8765."
 THREADS_HELP = "Torch threads; the edge network is small, and one thread avoids OpenMP contention on shared CPUs."
 RETRY_HELP = "How long to keep retrying an unreachable or busy service (exponential backoff) before giving up."
-DATA_HELP = "An image folder (train/ and val/, or class folders to split) or fashion-mnist, mnist5k, digits."
+DATA_HELP = (
+    "Classification: an image folder (train/ and val/, or class folders to split) or fashion-mnist, mnist5k, digits. "
+    "Segmentation: fashion-scenes, or a Pascal VOC, ADE20K or images/ + masks/ + classes.txt folder."
+)
+TASK_HELP = "classification, or segmentation (LAE plus a SegFormer-style decoder on the token grid; masks stay on the edge)."
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -168,6 +172,7 @@ def edge_fit(
     server: Optional[str] = typer.Option(None, help=SERVER_HELP),
     data: Optional[str] = typer.Option(None, help=DATA_HELP),
     token: Optional[str] = typer.Option(None, envvar="DELTAVISION_TOKEN", help=TOKEN_HELP),
+    task: str = typer.Option("classification", help=TASK_HELP),
     k: str = typer.Option("auto", help="Gather depth: 'auto' (best of the service's candidates on val) or one of them."),
     dtype: str = typer.Option("float16", help="Transfer dtype: float32, float16 or int8."),
     cache: Optional[Path] = typer.Option(None, help="Local feature cache [default: OUT/feature-cache]."),
@@ -183,6 +188,7 @@ def edge_fit(
     blocks: int = typer.Option(4, min=0, help="LAE blocks."),
     qkv_width: Optional[int] = typer.Option(None, min=1, help="Query/key/value width [default: max(8, C // 48), 16 at C = 768 as the paper says; 30 reproduces its Table 4 parameter count]."),
     heads: int = typer.Option(1, min=1),
+    decoder_width: int = typer.Option(128, min=1, help="Segmentation: channels of the decoder's convolutions."),
     val_fraction: float = typer.Option(0.2, help="Share of each class held out when the data has no val split."),
     train_limit: Optional[int] = typer.Option(None, min=1),
     val_limit: Optional[int] = typer.Option(None, min=1),
@@ -201,17 +207,23 @@ def edge_fit(
         out=out, server=server, token=token, data=data, cache=cache, k=k, dtype=dtype, offline=offline,
         val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit, num_blocks=blocks,
         qkv_width=qkv_width, heads=heads, overwrite=overwrite, retry_seconds=retry_seconds,
+        task=task, decoder_width=decoder_width,
         fit=FitConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
             label_smoothing=label_smoothing, select_epochs=select_epochs, seed=seed, device=device,
         ),
     )  # fmt: skip
     summary = fit_edge(options)
+    metric = "mIoU" if task == "segmentation" else "top-1"
     if summary["k_scores"]:
         scores = ", ".join(f"k={key}: {value:.1f}%" for key, value in summary["k_scores"].items())
-        console.print(f"k selection (val top-1 after {select_epochs} epochs): {scores}", highlight=False)
+        console.print(f"k selection (val {metric} after {select_epochs} epochs): {scores}", highlight=False)
+    score = (
+        f"val mIoU {summary['miou']:.2f}%, pixel accuracy {summary['pixel_acc']:.2f}%"
+        if task == "segmentation" else f"val top-1 {summary['top1']:.2f}%"
+    )  # fmt: skip
     console.print(
-        f"edge network k={summary['k']} {summary['dtype']}: val top-1 {summary['top1']:.2f}% on "
+        f"edge network k={summary['k']} {summary['dtype']}: {score} on "
         f"{summary['val_images']} images, {summary['trainable_parameters']:,} parameters; saved in {out}",
         highlight=False,
     )
@@ -230,7 +242,7 @@ def edge_eval(
     threads: int = typer.Option(1, min=1, help=THREADS_HELP),
     low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
 ) -> None:
-    """Top-1 of an edge network on a validation split."""
+    """Top-1, or mIoU and IoU per class, of an edge network on a validation split."""
     from .edge.commands import evaluate_saved_edge
 
     _edge_process(threads, low_memory)
@@ -239,30 +251,66 @@ def edge_eval(
     )
     if as_json:
         print(json.dumps(metrics))
+    elif "miou" in metrics:
+        _print_segmentation_metrics(metrics)
     else:
         console.print(f"top-1 {metrics['top1']:.2f}% on {metrics['images']} images", highlight=False)
+
+
+def _print_segmentation_metrics(metrics: dict) -> None:
+    """mIoU and pixel accuracy, then a table of IoU per class ("-": absent from targets and predictions)."""
+    from rich.table import Table
+
+    console.print(
+        f"mIoU {metrics['miou']:.2f}%, pixel accuracy {metrics['pixel_acc']:.2f}% on {metrics['images']} images",
+        highlight=False,
+    )
+    table = Table("class", "IoU %")
+    for key, value in metrics.items():
+        if key.startswith("iou/"):
+            table.add_row(key[4:], "-" if value is None else f"{value:.2f}")
+    console.print(table)
 
 
 @edge_app.command("predict")
 def edge_predict(
     model: Path = typer.Argument(..., help="Folder written by `deltavision edge fit`."),
-    images: List[Path] = typer.Argument(..., help="Image files to classify."),
+    images: List[Path] = typer.Argument(..., help="Image files to classify or segment."),
     server: str = typer.Option(..., help=SERVER_HELP),
+    out: Optional[Path] = typer.Option(None, help="Segmentation: folder for one palette PNG mask per image."),
     token: Optional[str] = typer.Option(None, envvar="DELTAVISION_TOKEN", help=TOKEN_HELP),
     retry_seconds: float = typer.Option(60.0, min=0.0, help=RETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines only."),
     threads: int = typer.Option(1, min=1, help=THREADS_HELP),
     low_memory: bool = typer.Option(True, help=LOW_MEMORY_HELP),
 ) -> None:
-    """Label images with an edge network, fetching their features from the service."""
+    """Label images (or write their masks) with an edge network, fetching their features from the service."""
     from .edge.commands import predict_files
+    from .edge.network import read_edge_config
 
     _edge_process(threads, low_memory)
+    if read_edge_config(model).task == "segmentation":
+        _predict_masks(model, images, out, server, token, retry_seconds, as_json)
+        return
     for row in predict_files(model, images, server=server, token=token, retry_seconds=retry_seconds):
         if as_json:
             print(json.dumps(row))
         else:
             console.print(f"{row['image']}\t{row['label']}\t{row['probability']:.3f}", highlight=False, soft_wrap=True)
+
+
+def _predict_masks(model: Path, images: List[Path], out: Optional[Path], server: str, token: Optional[str],
+                   retry_seconds: float, as_json: bool) -> None:
+    from ..errors import DeltaVisionError
+    from .edge.commands import predict_masks
+
+    if out is None:
+        raise DeltaVisionError(f"{model} is a segmentation edge model: pass --out DIR for its mask PNGs")
+    for row in predict_masks(model, images, out, server=server, token=token, retry_seconds=retry_seconds):
+        if as_json:
+            print(json.dumps(row))
+        else:
+            console.print(f"{row['image']}\t{row['mask']}\t{', '.join(row['classes'])}", highlight=False, soft_wrap=True)
 
 
 app.command("serve")(serve_command)

@@ -1,4 +1,5 @@
-"""The model API: building (:mod:`.build`), adapter files (:mod:`.state`) and training modes (:mod:`.modes`).
+"""The model API: building (:mod:`.build`), adapter files (:mod:`.state`), training modes (:mod:`.modes`)
+and adapters on the Hugging Face Hub (:mod:`.hub`).
 
 Loaded lazily: :mod:`.state` and :mod:`.modes` import no timm, so the MIST edge
 side can use them; only :mod:`.build` (and rebuilding a model from an adapter)
@@ -21,6 +22,8 @@ _HOMES = {
     "load_adapter_tensors": "state",
     "read_adapter_config": "state",
     "set_train_mode": "modes",
+    "resolve_adapter": "hub",
+    "push_adapter": "hub",
 }
 
 __all__ = list(_HOMES)

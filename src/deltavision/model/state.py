@@ -102,9 +102,10 @@ CONFIG_TYPES = {
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """The adapter's JSON config, its required keys present and every known key of the right type.
 
+    ``directory`` may be an ``hf-hub:org/name[@revision]`` id (see :func:`.hub.resolve_adapter`).
     A config written by a newer deltavision gives a :class:`NewerVersionWarning`.
     """
-    path = adapter_files(directory)[1]
+    path = adapter_files(_local(directory))[1]
     config = load_json(path)
     missing = [k for k in ("backbone", "method", "num_classes") if k not in config]
     if missing:
@@ -117,6 +118,13 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise AdapterFileError(f"{path}: num_classes should be at least 1, not {config['num_classes']}")
     _warn_if_newer(config.get("deltavision_version"), path)
     return config
+
+
+def _local(source: str | Path) -> Path:
+    """The local folder of an adapter source (a hub id is fetched)."""
+    from .hub import resolve_adapter
+
+    return resolve_adapter(source)
 
 
 def _type_names(types) -> str:
@@ -153,9 +161,12 @@ def load_adapter(
 ) -> nn.Module:
     """Rebuild the model an adapter was trained on (or use ``model``) and load its tensors.
 
-    An adapter for another backbone, method, options or class count raises
-    :class:`AdapterFileError` naming the difference.
+    ``directory`` is a local folder or an ``hf-hub:org/name[@revision]`` id
+    (downloaded once into the Hugging Face cache). An adapter for another
+    backbone, method, options or class count raises :class:`AdapterFileError`
+    naming the difference.
     """
+    directory = _local(directory)
     config = read_adapter_config(directory)
     if model is None:
         from .build import create_model

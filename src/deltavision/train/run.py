@@ -56,6 +56,7 @@ class RunConfig:
     options: dict[str, Any] = field(default_factory=dict)
     task: str = "classification"
     head: str | None = None  # dense tasks: the head ("upernet" by default for segmentation)
+    data_options: dict[str, Any] = field(default_factory=dict)  # see deltavision.data.build_datasets
     image_size: int | None = None
     val_fraction: float = 0.2
     train_limit: int | None = None
@@ -209,25 +210,21 @@ def run_training(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def build_task_datasets(config: RunConfig, data_cfg: dict, augment: bool | None = None, val_limit="run"):
-    """The run's train and validation splits for its task (``val_limit`` "run": the run's own)."""
-    from functools import partial
-
+def build_task_datasets(config: RunConfig, data_cfg: dict):
+    """The run's train and validation splits for its task."""
     from ..data import build_datasets
     from ..data.detection import build_detection_datasets
     from ..data.segmentation import build_segmentation_datasets
 
-    build = {
-        "segmentation": build_segmentation_datasets,
-        "detection": partial(build_detection_datasets, masks=False),
-        "instance": partial(build_detection_datasets, masks=True),
-    }.get(config.task, build_datasets)
-    return build(
-        config.data, image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
-        val_fraction=config.val_fraction, train_limit=config.train_limit,
-        val_limit=config.val_limit if val_limit == "run" else val_limit,
-        augment=config.augment if augment is None else augment, seed=config.train.seed,
+    common = dict(
+        image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"], val_fraction=config.val_fraction,
+        train_limit=config.train_limit, val_limit=config.val_limit, augment=config.augment, seed=config.train.seed,
     )
+    if config.task == "segmentation":
+        return build_segmentation_datasets(config.data, **common)
+    if config.task in ("detection", "instance"):
+        return build_detection_datasets(config.data, masks=config.task == "instance", **common)
+    return build_datasets(config.data, data_options=config.data_options, **common)
 
 
 def detector_options(config: RunConfig) -> dict | None:

@@ -163,9 +163,14 @@ def image_item(label: int, path: Path | None = None, encoded: bytes | None = Non
 
 
 def _items_of(dataset) -> list[ImageItem]:
-    """Items of a dataset made by build_datasets: files stay on disk, arrays become PNG bytes."""
+    """Items of a dataset made by build_datasets: files stay on disk, arrays and fetched images become PNG bytes."""
     if hasattr(dataset, "paths"):
         return [image_item(label, path=path) for path, label in zip(dataset.paths, dataset.labels)]
+    if hasattr(dataset, "fetch"):  # Hugging Face or torchvision images
+        from ...data.images import to_rgb
+
+        return [image_item(label, encoded=encode_png(np.asarray(to_rgb(dataset.fetch(int(index))))))
+                for index, label in zip(dataset.indices, dataset.labels)]
     return [image_item(label, encoded=encode_png(pixels)) for pixels, label in zip(dataset.images, dataset.labels)]
 
 

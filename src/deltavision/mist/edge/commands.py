@@ -6,15 +6,25 @@ on the validation split when asked to, trains the LAE and saves it with a
 config naming the backbone, k, dtype, feature shape and classes. With
 ``offline=True`` nothing is fetched: the dataset and its features come from
 the cache's manifest and shards alone.
+
+``task="segmentation"`` lists image/mask pairs instead (:mod:`.masks`), keeps
+each mask, resized to the service's input size, in the cache beside the
+features, trains the LAE with a segmentation decoder through the main training
+loop (``log.csv`` with mIoU per epoch in the output folder) and saves the task
+in the edge config; evaluation reports mIoU, pixel accuracy and IoU per class,
+and prediction writes one palette PNG mask per image.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch.nn import functional as F
 
 from ...errors import AdapterFileError, DeltaVisionError
 from ...io import refuse_overwrite
@@ -22,6 +32,7 @@ from .client import (
     RETRY_SECONDS,
     FeatureClient,
     ImageItem,
+    LabelledImages,
     ServiceError,
     download_features,
     image_files,
@@ -29,12 +40,24 @@ from .client import (
     request_batches,
 )
 from ...model.state import count_parameters
-from .network import CONFIG_FILE, EdgeConfig, EdgeNetwork, load_edge, save_edge
-from .fit import FeatureSet, FitConfig, evaluate_edge, select_k, train_edge
+from .network import CONFIG_FILE, DECODER_WIDTH, TASKS, EdgeConfig, build_edge, load_edge, save_edge
+from .fit import (
+    FeatureSet,
+    FitConfig,
+    MaskedFeatureSet,
+    evaluate_edge,
+    evaluate_segmentation_edge,
+    miou_after_training,
+    select_k,
+    train_edge,
+    train_segmentation_edge,
+)
+from .masks import SegmentedImages, segmented_images, store_masks
 from .store import MANIFEST, FeatureStore
 from ..wire import transfer_dtype
 
 SERVICE_KEYS = ("backbone", "family", "fingerprint", "image_size", "mean", "std", "feature_shape", "ks", "num_blocks")
+SEGMENTATION_SERVICE_KEYS = ("grid", "num_prefix_tokens")
 
 
 @dataclass
@@ -55,6 +78,8 @@ class FitOptions:
     heads: int = 1
     overwrite: bool = False
     retry_seconds: float = RETRY_SECONDS
+    task: str = "classification"
+    decoder_width: int = DECODER_WIDTH
     fit: FitConfig = field(default_factory=FitConfig)
 
     @property
@@ -65,14 +90,33 @@ class FitOptions:
 def fit_edge(options: FitOptions) -> dict[str, Any]:
     """Train and save an edge network; returns a summary (k, scores, top-1, parameters, sizes)."""
     transfer_dtype(options.dtype)
+    _check_task(options.task)
     refuse_overwrite(Path(options.out) / CONFIG_FILE, options.overwrite)
     store, manifest = _offline_manifest(options) if options.offline else _fetch_dataset(options)
+    _check_manifest_task(manifest, options.task, store)
     service = manifest["service"]
     ks = _requested_ks(options.k, service["ks"])
     if options.offline:
         _require_cached(store, manifest, ks, options.dtype)
-    splits = _splits_reader(store, manifest, options.dtype)
     make_model = _model_factory(service, manifest["classes"], options)
+    if options.task == "segmentation":
+        model, summary = _fit_segmentation(store, manifest, ks, make_model, options)
+    else:
+        model, summary = _fit_classification(store, manifest, ks, make_model, options)
+    model.config.training = {
+        **summary,
+        "data": manifest.get("data"),
+        "split": manifest.get("split"),
+        "cache": str(options.cache_root.resolve()),
+        "fit": asdict(options.fit),
+    }
+    save_edge(model, Path(options.out))
+    return {**summary, "out": str(options.out)}
+
+
+def _fit_classification(store: FeatureStore, manifest: dict[str, Any], ks: list[int], make_model, options: FitOptions):
+    """(trained classification edge network, summary)."""
+    splits = _splits_reader(store, manifest, options.dtype)
     k_scores: dict[int, float] = {}
     best = ks[0]
     if len(ks) > 1:
@@ -91,15 +135,38 @@ def fit_edge(options: FitOptions) -> dict[str, Any]:
         "dtype": options.dtype,
         "history": history,
     }
-    model.config.training = {
-        **summary,
-        "data": manifest.get("data"),
-        "split": manifest.get("split"),
-        "cache": str(options.cache_root.resolve()),
-        "fit": asdict(options.fit),
+    return model, summary
+
+
+def _fit_segmentation(store: FeatureStore, manifest: dict[str, Any], ks: list[int], make_model, options: FitOptions):
+    """(trained segmentation edge network, summary); k chosen by val mIoU; log.csv in ``options.out``."""
+    splits = _masked_splits_reader(store, manifest, options.dtype)
+    k_scores: dict[int, float] = {}
+    best = ks[0]
+    if len(ks) > 1:
+        best, k_scores = select_k(ks, make_model, splits, options.fit, score=miou_after_training)
+    torch.manual_seed(options.fit.seed)
+    model = make_model(best)
+    train_set, val = splits(best)
+    history = [_json_safe(row) for row in train_segmentation_edge(model, train_set, val, options.fit, Path(options.out))]
+    summary = {
+        "task": "segmentation",
+        "k": best,
+        "k_scores": {str(k): v for k, v in k_scores.items()},
+        "miou": history[-1]["miou"],
+        "pixel_acc": history[-1]["pixel_acc"],
+        "trainable_parameters": count_parameters(model)["trainable"],
+        "train_images": len(train_set),
+        "val_images": len(val),
+        "dtype": options.dtype,
+        "history": history,
     }
-    save_edge(model, Path(options.out))
-    return {**summary, "out": str(options.out)}
+    return model, summary
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """A history row with NaN (the IoU of a class absent from val and predictions) as None."""
+    return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()}
 
 
 def evaluate_saved_edge(
@@ -113,24 +180,34 @@ def evaluate_saved_edge(
     batch_size: int = 64,
     retry_seconds: float = RETRY_SECONDS,
 ) -> dict[str, Any]:
-    """Top-1 of a saved edge network on a validation split (the training one by default)."""
+    """Top-1 (classification) or mIoU, pixel accuracy and ``iou/<class>`` (segmentation) of a saved
+    edge network on a validation split (the training one by default); ``images`` counts them."""
     model = load_edge(model_dir)
     config = model.config
+    segmentation = config.task == "segmentation"
     cache_root = Path(cache or config.training.get("cache") or Path(model_dir) / "feature-cache")
     store = FeatureStore(cache_root, config.fingerprint)
     if offline:
         manifest = _checked_manifest(store)
+        _check_manifest_task(manifest, config.task, store)
         _check_classes(manifest["classes"], config.classes)
-        digests, labels = _column(manifest["val"])
+        digests, labels = _digests(manifest["val"]), _labels(manifest["val"])
     else:
         with _connected(server, token, config, retry_seconds) as client:
             split = config.training.get("split") or {}
-            images = labelled_images(data or config.training.get("data"), **split)
+            images = _list_images(data or config.training.get("data"), config.task, split)
             _check_classes(images.classes, config.classes)
             download_features(client, store, images.val, [config.k], config.dtype, progress=True)
             digests, labels = [i.digest for i in images.val], [i.label for i in images.val]
+        if segmentation:
+            store_masks(store, images, digests, config.image_size)
     _require_digests(store, digests, config.k, config.dtype)
-    features = FeatureSet(store, config.k, config.dtype, digests, torch.tensor(labels), (config.tokens, config.width))
+    shape = (config.tokens, config.width)
+    if segmentation:
+        _require_masks(store, digests, config.image_size)
+        masked = MaskedFeatureSet(store, config.k, config.dtype, digests, config.image_size, config.num_classes, shape)
+        return {**_json_safe(evaluate_segmentation_edge(model, masked, max(1, batch_size // 2))), "images": len(digests)}
+    features = FeatureSet(store, config.k, config.dtype, digests, torch.tensor(labels), shape)
     return evaluate_edge(model, features, batch_size)
 
 
@@ -156,7 +233,123 @@ def predict_files(
     return results
 
 
+def predict_masks(
+    model_dir: Path, paths: list[Path], out: Path, *, server: str, token: str | None,
+    retry_seconds: float = RETRY_SECONDS,
+) -> list[dict[str, Any]]:
+    """One palette PNG mask per image file in ``out`` (``<stem>.png``, at the image's size), from a
+    segmentation edge network; returns, per image, the mask written and the classes it shows."""
+    from ...io import ensure_writable_dir
+
+    model = load_edge(model_dir)
+    config = model.config
+    if config.task != "segmentation":
+        raise DeltaVisionError(f"{model_dir} holds a {config.task} edge model; it predicts labels, not masks")
+    items = image_files(paths)
+    ensure_writable_dir(Path(out))
+    names = _mask_names(items)
+    results = []
+    with _connected(server, token, config, retry_seconds) as client:
+        start = 0
+        for batch in request_batches(items, client.info()["limits"]):
+            payload = client.features(batch, [config.k], config.dtype)
+            with torch.no_grad():
+                logits = model(payload.as_float32(config.k))
+            for offset, item_logits in enumerate(logits):
+                item = items[start + offset]
+                mask = _mask_at_image_size(item_logits, item.path)
+                target = Path(out) / names[start + offset]
+                write_palette_mask(mask, target)
+                present = [config.classes[c] for c in np.unique(mask)]
+                results.append({"image": str(item.path), "mask": str(target), "classes": present})
+            start += len(batch)
+    return results
+
+
+def _mask_names(items: list[ImageItem]) -> list[str]:
+    """``<stem>.png`` per image, numbered when two images share a stem."""
+    names, seen = [], set()
+    for item in items:
+        name, number = f"{item.path.stem}.png", 1
+        while name in seen:
+            number += 1
+            name = f"{item.path.stem}-{number}.png"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _mask_at_image_size(logits: torch.Tensor, path: Path) -> np.ndarray:
+    """Class ids (uint8) of one image's (classes, S, S) logits, resized to the upright image's size."""
+    from ...data.images import load_rgb_image
+
+    width, height = load_rgb_image(path).size
+    resized = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)
+    return resized[0].argmax(dim=0).to(torch.uint8).numpy()
+
+
+def voc_palette() -> list[int]:
+    """The Pascal VOC colour map (256 RGB triples, flattened), the colours of its mask PNGs; 255 is white."""
+    palette = []
+    for index in range(256):
+        red = green = blue = 0
+        code = index
+        for bit in range(8):
+            red |= ((code >> 0) & 1) << (7 - bit)
+            green |= ((code >> 1) & 1) << (7 - bit)
+            blue |= ((code >> 2) & 1) << (7 - bit)
+            code >>= 3
+        palette += [red, green, blue]
+    palette[255 * 3 : 256 * 3] = [255, 255, 255]
+    return palette
+
+
+def write_palette_mask(mask: np.ndarray, path: Path) -> None:
+    """``mask`` (H x W class ids) as a palette PNG: pixel values are the ids, colours VOC's."""
+    from PIL import Image
+
+    from ...io import atomic_write
+
+    image = Image.fromarray(mask, mode="P")
+    image.putpalette(voc_palette())
+    atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise DeltaVisionError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+
+
+def _manifest_task(manifest: dict[str, Any]) -> str:
+    return manifest.get("task", "classification")
+
+
+def _check_manifest_task(manifest: dict[str, Any], task: str, store: FeatureStore) -> None:
+    found = _manifest_task(manifest)
+    if found != task:
+        raise DeltaVisionError(
+            f"the feature cache {store.folder} holds a {found} dataset, not a {task} one; pass --task {found} "
+            "or another --cache"
+        )
+
+
+def _list_images(data: str | Path, task: str, split: dict[str, Any]) -> LabelledImages | SegmentedImages:
+    """The train/val images of ``data``: labelled for classification, with masks for segmentation."""
+    if task == "segmentation":
+        return segmented_images(data, **split)
+    return labelled_images(data, **split)
+
+
+def _service_record(info: dict[str, Any], task: str) -> dict[str, Any]:
+    """What the manifest keeps of the service; segmentation also needs its token grid."""
+    keys = SERVICE_KEYS + (SEGMENTATION_SERVICE_KEYS if task == "segmentation" else ())
+    absent = [key for key in keys if key not in info]
+    if absent:
+        raise ServiceError(f"the feature service does not announce {', '.join(absent)}; update it")
+    return {key: info[key] for key in keys}
 
 
 def _fetch_dataset(options: FitOptions) -> tuple[FeatureStore, dict[str, Any]]:
@@ -165,21 +358,27 @@ def _fetch_dataset(options: FitOptions) -> tuple[FeatureStore, dict[str, Any]]:
         raise DeltaVisionError("edge fit needs --server and --data (or --offline with a filled --cache)")
     split = {"val_fraction": options.val_fraction, "train_limit": options.train_limit,
              "val_limit": options.val_limit, "seed": options.fit.seed}  # fmt: skip
-    images = labelled_images(options.data, **split)
+    images = _list_images(options.data, options.task, split)
+    segmentation = options.task == "segmentation"
+    rows = _digest_rows if segmentation else _pairs
     with FeatureClient(options.server, options.token, retry_seconds=options.retry_seconds) as client:
         info = client.info()
         store = FeatureStore(options.cache_root, info["fingerprint"])
         manifest = {
+            "task": options.task,
             "data": str(options.data),
             "split": split,
             "classes": images.classes,
-            "train": _pairs(images.train),
-            "val": _pairs(images.val),
-            "service": {key: info[key] for key in SERVICE_KEYS},
+            "train": rows(images.train),
+            "val": rows(images.val),
+            "service": _service_record(info, options.task),
         }
         store.write_manifest(manifest)
         ks = _requested_ks(options.k, info["ks"])
         download_features(client, store, images.train + images.val, ks, options.dtype, progress=options.fit.progress)
+    if segmentation:
+        digests = [item.digest for item in images.train + images.val]
+        store_masks(store, images, digests, info["image_size"], progress=options.fit.progress)
     return store, manifest
 
 
@@ -210,23 +409,38 @@ def _manifest_problem(manifest: Any) -> str | None:
     """What is wrong with a manifest, or None."""
     if not isinstance(manifest, dict) or not isinstance(manifest.get("classes"), list) or not manifest["classes"]:
         return "no list of classes"
+    task = _manifest_task(manifest)
+    if task not in TASKS:
+        return f"unknown task {task!r}"
     classes = len(manifest["classes"])
     for split in ("train", "val"):
         rows = manifest.get(split)
         if not isinstance(rows, list) or not rows:
             return f"no {split} images"
         for row in rows:
-            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str)):
-                return f"a {split} entry {str(row)[:60]} is not [digest, label]"
-            if not (isinstance(row[1], int) and not isinstance(row[1], bool) and 0 <= row[1] < classes):
-                return f"a {split} image has label {row[1]!r}, not one of 0..{classes - 1}"
+            problem = _digest_row_problem(row, split) if task == "segmentation" else _pair_problem(row, split, classes)
+            if problem:
+                return problem
     service = manifest.get("service")
-    if not isinstance(service, dict) or not all(key in service for key in SERVICE_KEYS):
+    keys = SERVICE_KEYS + (SEGMENTATION_SERVICE_KEYS if task == "segmentation" else ())
+    if not isinstance(service, dict) or not all(key in service for key in keys):
         return "no record of the service that computed the features"
     shape = service["feature_shape"]
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
         return f"feature shape {shape!r} is not [tokens, width]"
     return None
+
+
+def _pair_problem(row: Any, split: str, classes: int) -> str | None:
+    if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str)):
+        return f"a {split} entry {str(row)[:60]} is not [digest, label]"
+    if not (isinstance(row[1], int) and not isinstance(row[1], bool) and 0 <= row[1] < classes):
+        return f"a {split} image has label {row[1]!r}, not one of 0..{classes - 1}"
+    return None
+
+
+def _digest_row_problem(row: Any, split: str) -> str | None:
+    return None if isinstance(row, str) and row else f"a {split} entry {str(row)[:60]} is not an image digest"
 
 
 def _requested_ks(k: str, available: list[int]) -> list[int]:
@@ -245,8 +459,35 @@ def _pairs(items: list[ImageItem]) -> list[list]:
     return [[item.digest, item.label] for item in items]
 
 
+def _digest_rows(items: list[ImageItem]) -> list[str]:
+    return [item.digest for item in items]
+
+
 def _column(pairs: list[list]) -> tuple[list[str], list[int]]:
     return [h for h, _ in pairs], [int(label) for _, label in pairs]
+
+
+def _digests(rows: list) -> list[str]:
+    """The digests of manifest rows: [digest, label] pairs (classification) or digests (segmentation)."""
+    return [row if isinstance(row, str) else row[0] for row in rows]
+
+
+def _labels(rows: list) -> list[int]:
+    return [-1 if isinstance(row, str) else int(row[1]) for row in rows]
+
+
+def _masked_splits_reader(store: FeatureStore, manifest: dict[str, Any], dtype: str):
+    """k -> (train, val) :class:`MaskedFeatureSet` of a segmentation manifest."""
+    shape = tuple(manifest["service"]["feature_shape"])
+    size, classes = manifest["service"]["image_size"], len(manifest["classes"])
+
+    def splits(k: int) -> tuple[MaskedFeatureSet, MaskedFeatureSet]:
+        return tuple(
+            MaskedFeatureSet(store, k, dtype, _digests(manifest[split]), size, classes, shape)
+            for split in ("train", "val")
+        )
+
+    return splits
 
 
 def _splits_reader(store: FeatureStore, manifest: dict[str, Any], dtype: str):
@@ -265,22 +506,40 @@ def _splits_reader(store: FeatureStore, manifest: dict[str, Any], dtype: str):
 
 def _model_factory(service: dict[str, Any], classes: list[str], options: FitOptions):
     tokens, width = service["feature_shape"]
+    dense = {}
+    if options.task == "segmentation":
+        dense = {"grid": list(service["grid"]), "num_prefix_tokens": service["num_prefix_tokens"],
+                 "image_size": service["image_size"], "decoder_width": options.decoder_width}  # fmt: skip
 
-    def make(k: int) -> EdgeNetwork:
+    def make(k: int):
         config = EdgeConfig(
             tokens=tokens, width=width, classes=list(classes), k=k, dtype=options.dtype,
             num_blocks=options.num_blocks, qkv_width=options.qkv_width, heads=options.heads,
             backbone=service["backbone"], fingerprint=service["fingerprint"], service=dict(service),
+            task=options.task, **dense,
         )  # fmt: skip
-        return EdgeNetwork(config)
+        return build_edge(config)
 
     return make
 
 
 def _require_cached(store: FeatureStore, manifest: dict[str, Any], ks: list[int], dtype: str) -> None:
-    digests = _column(manifest["train"])[0] + _column(manifest["val"])[0]
+    digests = _digests(manifest["train"]) + _digests(manifest["val"])
     for k in ks:
         _require_digests(store, digests, k, dtype)
+    if _manifest_task(manifest) == "segmentation":
+        _require_masks(store, digests, manifest["service"]["image_size"])
+
+
+def _require_masks(store: FeatureStore, digests: list[str], size: int) -> None:
+    absent = store.missing_masks(digests, size)
+    if absent:
+        damaged = store.damaged_masks(size)
+        why = f" ({len(damaged)} shard(s) fail their checksum)" if damaged else ""
+        raise AdapterFileError(
+            f"the feature cache {store.folder} lacks the {size} x {size} masks of {len(absent)} image(s){why}; "
+            "run without --offline to store them again"
+        )
 
 
 def _require_digests(store: FeatureStore, digests: list[str], k: int, dtype: str) -> None:

@@ -9,6 +9,12 @@ than saving a NaN model.
 k is chosen as the paper does: train briefly for every candidate in
 {N/4, N/2, 3N/4, N} and keep the best validation top-1 (ties go to the larger k).
 
+Segmentation (:class:`MaskedFeatureSet`, :func:`train_segmentation_edge`) runs
+the main training loop itself (:func:`deltavision.train.loop.train` with its
+:class:`~deltavision.train.objectives.SegmentationObjective`): per-pixel
+cross-entropy ignoring 255, mIoU, pixel accuracy and per-class IoU after every
+epoch, written to ``log.csv`` and ``curves.png``; k is chosen by val mIoU.
+
 Its configuration, optimizer grouping, schedule and non-finite-loss error are
 the classification trainer's (:mod:`deltavision.train.loop`, which imports no
 timm); like the rest of the edge side, this module never imports timm.
@@ -17,17 +23,21 @@ timm); like the rest of the edge side, this module never imports timm.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ...errors import NonFiniteLossError
 from ...train.device import resolve_device
-from ...train.loop import TrainConfig, make_optimizer, make_schedule
-from .network import EdgeNetwork
+from ...train.loop import TrainConfig, make_optimizer, make_schedule, train
+from ...train.objectives import SegmentationObjective
+from .network import EdgeNetwork, SegmentationEdgeNetwork
 from .store import FeatureStore
 
 
@@ -128,14 +138,76 @@ def select_k(
     make_model: Callable[[int], EdgeNetwork],
     splits: Callable[[int], tuple[FeatureSet, FeatureSet]],
     config: FitConfig,
+    score: Callable | None = None,
 ) -> tuple[int, dict[int, float]]:
-    """Best k by validation top-1 after ``config.select_epochs`` of training each (Sec. 3.2)."""
+    """Best k by ``score(model, train, val, config)`` (default: val top-1 after
+    ``config.select_epochs`` of training, Sec. 3.2); ties go to the larger k."""
+    score = score or _top1_after_training
     scores = {}
     for k in ks:
         torch.manual_seed(config.seed)
-        train, val = splits(k)
-        model = make_model(k)
-        train_edge(model, train, config, epochs=config.select_epochs)
-        scores[k] = evaluate_edge(model, val)["top1"]
+        train_set, val = splits(k)
+        scores[k] = score(make_model(k), train_set, val, config)
     best = max(ks, key=lambda k: (scores[k], k))
     return best, scores
+
+
+def _top1_after_training(model: EdgeNetwork, train_set: FeatureSet, val: FeatureSet, config: FitConfig) -> float:
+    train_edge(model, train_set, config, epochs=config.select_epochs)
+    return evaluate_edge(model, val)["top1"]
+
+
+# --- segmentation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class MaskedFeatureSet(Dataset):
+    """(Gather_k features (T, C), mask (S, S) int64) items of one split, both read from ``store``.
+
+    ``__getitems__`` reads a whole batch at once (one pass over each shard), as the DataLoader asks.
+    """
+
+    store: FeatureStore
+    k: int
+    dtype: str
+    digests: list[str]
+    mask_size: int
+    num_classes: int
+    shape: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        names = [self.digests[i] for i in indices]
+        features = self.store.read(self.k, self.dtype, names, self.shape)
+        masks = self.store.read_masks(self.mask_size, names, self.num_classes)
+        return list(zip(features, masks))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+
+def train_segmentation_edge(
+    model: SegmentationEdgeNetwork, train_set: MaskedFeatureSet, val: MaskedFeatureSet, config: FitConfig,
+    out_dir: Path, epochs: int | None = None,
+) -> list[dict]:
+    """Train ``model`` in place with the main loop; per-epoch rows (mIoU, pixel accuracy, IoU per class)
+    also land in ``out_dir``/log.csv and curves.png."""
+    config = replace(config, epochs=config.epochs if epochs is None else epochs)
+    objective = SegmentationObjective(model.config.classes)
+    return train(model, train_set, val, config, out_dir, objective=objective).history
+
+
+def miou_after_training(model: SegmentationEdgeNetwork, train_set: MaskedFeatureSet, val: MaskedFeatureSet,
+                        config: FitConfig) -> float:
+    """Val mIoU after ``config.select_epochs`` (k selection; the run's files go to a temporary folder)."""
+    with tempfile.TemporaryDirectory(prefix="deltavision-k-") as folder:
+        history = train_segmentation_edge(model, train_set, val, config, Path(folder), epochs=config.select_epochs)
+    return history[-1]["miou"]
+
+
+def evaluate_segmentation_edge(model: SegmentationEdgeNetwork, data: MaskedFeatureSet, batch_size: int = 32) -> dict:
+    """val_loss, mIoU, pixel accuracy and ``iou/<class>`` (percent) of ``model`` on ``data``."""
+    loader = DataLoader(data, batch_size=batch_size)
+    return SegmentationObjective(model.config.classes).evaluate(model, loader)

@@ -33,6 +33,18 @@ text's r = 16 and read Table 4 as counting a wider QKV (or an unstated part);
 Pooling is the mean over all tokens: CNN and Swin maps have no class token,
 and the mean treats every family alike (for ViT it includes the class token).
 
+Segmentation (``task="segmentation"``, the paper's SegFormer setting, appendix
+Sec. 8): the same LAE blocks and LayerNorm, then the prefix tokens are dropped,
+the rest laid back on the service's token grid (:func:`tokens_to_map`; stride 32
+for Swin and EfficientNet, the patch stride for ViT) and decoded by
+:class:`SegmentationDecoder`, SegFormer's all-MLP decoder for a single level:
+a 1x1 projection to ``decoder_width``, a 3x3 convolution with BatchNorm and ReLU
+(SegFormer fuses its levels with a 1x1 one; with one level the 3x3 adds the
+neighbourhood), dropout 0.1, a 1x1 classifier and bilinear upsampling to the
+service's input size, giving logits (B, classes, S, S). The classifier runs
+before the upsampling: both are linear and the bilinear weights sum to one, so
+the order changes nothing but the memory.
+
 The network is built from the feature shape alone. This module imports only
 torch and the package's I/O helpers: never timm, never backbone weights.
 """
@@ -54,6 +66,8 @@ from ...model.state import count_parameters
 WEIGHTS_FILE = "edge_model.safetensors"
 CONFIG_FILE = "edge_config.json"
 FORMAT = "deltavision-mist-edge/1"
+TASKS = ("classification", "segmentation")
+DECODER_WIDTH = 128
 
 
 def default_qkv_width(width: int) -> int:
@@ -82,12 +96,30 @@ class EdgeConfig:
     fingerprint: str = ""
     service: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
+    grid: list[int] | None = None  # segmentation: the H x W token grid after the prefix tokens
+    num_prefix_tokens: int = 0
+    image_size: int | None = None  # segmentation: the service's input size, the logits' size
+    decoder_width: int = DECODER_WIDTH
 
     def __post_init__(self):
         if self.qkv_width is None:
             self.qkv_width = default_qkv_width(self.width)
         if self.qkv_width % self.heads:
             raise ValueError(f"qkv_width {self.qkv_width} must be divisible by heads {self.heads}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "segmentation":
+            self._check_grid()
+
+    def _check_grid(self) -> None:
+        if not self.grid or len(self.grid) != 2 or not self.image_size:
+            raise ValueError("a segmentation edge network needs the token grid and the input size")
+        if self.num_prefix_tokens + self.grid[0] * self.grid[1] != self.tokens:
+            raise ValueError(
+                f"{self.tokens} tokens are not {self.num_prefix_tokens} prefix tokens plus a "
+                f"{self.grid[0]} x {self.grid[1]} grid"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -146,7 +178,62 @@ class EdgeNetwork(nn.Module):
         return self.head(self.norm(self.blocks(features)).mean(dim=1))
 
 
-def save_edge(model: EdgeNetwork, folder: Path, extra: dict[str, Any] | None = None) -> Path:
+def tokens_to_map(tokens: torch.Tensor, num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, T, C) gathered tokens -> (B, C, H, W): prefix tokens dropped, the rest row-major on the grid.
+
+    The wire's token order (deltavision.anatomy.layout.to_tokens): prefix tokens first, then the
+    map's positions row by row. Kept here so the edge needs no deltavision.anatomy (which loads timm).
+    """
+    height, width = grid
+    patches = tokens[:, num_prefix_tokens:]
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+
+class SegmentationDecoder(nn.Module):
+    """A single-level SegFormer-style decoder: (B, C, h, w) map -> (B, classes, S, S) logits."""
+
+    def __init__(self, width: int, decoder_width: int, num_classes: int, output_size: int):
+        super().__init__()
+        self.output_size = output_size
+        self.project = nn.Conv2d(width, decoder_width, kernel_size=1)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(decoder_width, decoder_width, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(decoder_width),
+            nn.ReLU(inplace=True),
+        )
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(decoder_width, num_classes, kernel_size=1)
+
+    def forward(self, patch_map: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.dropout(self.fuse(self.project(patch_map))))
+        size = (self.output_size, self.output_size)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+class SegmentationEdgeNetwork(nn.Module):
+    """LAE blocks and a LayerNorm over all tokens, then the token grid through :class:`SegmentationDecoder`."""
+
+    def __init__(self, config: EdgeConfig):
+        super().__init__()
+        self.config = config
+        self.blocks = nn.Sequential(
+            *(LAEBlock(config.width, config.qkv_width, config.heads) for _ in range(config.num_blocks))
+        )
+        self.norm = nn.LayerNorm(config.width)
+        self.decoder = SegmentationDecoder(config.width, config.decoder_width, config.num_classes, config.image_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) gathered features -> (B, classes, S, S) logits at the service's input size."""
+        tokens = self.norm(self.blocks(features))
+        return self.decoder(tokens_to_map(tokens, self.config.num_prefix_tokens, tuple(self.config.grid)))
+
+
+def build_edge(config: EdgeConfig) -> EdgeNetwork | SegmentationEdgeNetwork:
+    """The edge network of ``config.task``."""
+    return SegmentationEdgeNetwork(config) if config.task == "segmentation" else EdgeNetwork(config)
+
+
+def save_edge(model: EdgeNetwork | SegmentationEdgeNetwork, folder: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``edge_model.safetensors`` and ``edge_config.json`` into ``folder``."""
     folder = Path(folder)
     config = model.config.to_json()
@@ -162,12 +249,15 @@ def read_edge_config(folder: Path) -> EdgeConfig:
     if data.get("format") != FORMAT:
         raise AdapterFileError(f"{folder} does not hold a deltavision edge model (format {data.get('format')!r})")
     known = set(EdgeConfig.__dataclass_fields__)
-    return EdgeConfig(**{k: v for k, v in data.items() if k in known})
+    try:
+        return EdgeConfig(**{k: v for k, v in data.items() if k in known})
+    except (TypeError, ValueError) as err:
+        raise AdapterFileError(f"{Path(folder) / CONFIG_FILE} is damaged: {err}") from err
 
 
-def load_edge(folder: Path) -> EdgeNetwork:
-    """The edge network saved in ``folder``, in eval mode."""
-    model = EdgeNetwork(read_edge_config(folder))
+def load_edge(folder: Path) -> EdgeNetwork | SegmentationEdgeNetwork:
+    """The edge network saved in ``folder`` (of the task it records), in eval mode."""
+    model = build_edge(read_edge_config(folder))
     state = load_tensors(Path(folder) / WEIGHTS_FILE)
     try:
         model.load_state_dict(state)

@@ -6,6 +6,9 @@ Layout under the cache root::
     <fingerprint>/k<k>-<dtype>/<shard>.safetensors  "features" (n, T, C) in the transfer dtype,
                                                   "scale" (n,) for int8; metadata: digests (JSON),
                                                   checksum (sha256 of names, dtypes, shapes, bytes)
+    <fingerprint>/masks-<S>/<shard>.safetensors    segmentation only: "masks" (n, S, S) uint8 class ids
+                                                  (255 = ignore), nearest-resized to the service's
+                                                  input size S; same metadata
 
 One folder per service fingerprint keeps features of different backbones or
 weights apart. Every shard is written atomically (temporary file + rename) and
@@ -39,6 +42,7 @@ from ...io import load_json, save_json, save_tensors
 from ..wire import to_float32, transfer_dtype
 
 MANIFEST = "manifest.json"
+IGNORE_LABEL = 255
 SHARD_SUFFIX = ".safetensors"
 
 
@@ -51,8 +55,8 @@ class FeatureStore:
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.folder = self.root / fingerprint
-        self._index: dict[tuple[int, str], dict[str, tuple[Path, int]]] = {}
-        self._damaged: dict[tuple[int, str], list[Path]] = {}
+        self._index: dict[Path, dict[str, tuple[Path, int]]] = {}
+        self._damaged: dict[Path, list[Path]] = {}
 
     # --- manifest -------------------------------------------------------------------------------
 
@@ -67,25 +71,20 @@ class FeatureStore:
     def shard_folder(self, k: int, dtype: str) -> Path:
         return self.folder / f"k{k}-{dtype}"
 
+    def mask_folder(self, size: int) -> Path:
+        return self.folder / f"masks-{size}"
+
     def index(self, k: int, dtype: str) -> dict[str, tuple[Path, int]]:
         """{image digest: (shard path, row)} of every shard on disk for ``k`` and ``dtype``."""
-        key = (k, dtype)
-        if key not in self._index:
-            self._index[key], self._damaged[key] = self._scan(self.shard_folder(k, dtype))
-        return self._index[key]
+        return self._folder_index(self.shard_folder(k, dtype))
 
     def damaged(self, k: int, dtype: str) -> list[Path]:
         """Shards for ``k`` and ``dtype`` that failed their checksum (their rows count as absent)."""
-        self.index(k, dtype)
-        return list(self._damaged[(k, dtype)])
+        return self._folder_damaged(self.shard_folder(k, dtype))
 
     def discard_damaged(self, k: int, dtype: str) -> int:
         """Delete the damaged shards for ``k`` and ``dtype``; returns how many there were."""
-        shards = self.damaged(k, dtype)
-        for path in shards:
-            path.unlink(missing_ok=True)
-        self._damaged[(k, dtype)] = []
-        return len(shards)
+        return self._discard_damaged(self.shard_folder(k, dtype))
 
     def missing(self, digests: Sequence[str], ks: Sequence[int], dtype: str) -> list[str]:
         """The digests (first occurrence order, no duplicates) lacking features for any of ``ks``."""
@@ -108,14 +107,7 @@ class FeatureStore:
         tensors = {"features": features.contiguous()}
         if scale is not None:
             tensors["scale"] = scale.contiguous()
-        name = hashlib.sha256("".join(digests).encode()).hexdigest()[:24] + SHARD_SUFFIX
-        path = self.shard_folder(k, dtype) / name
-        metadata = {"digests": json.dumps(digests), "k": str(k), "dtype": dtype, "checksum": checksum(tensors)}
-        save_tensors(tensors, path, metadata=metadata)
-        index = self.index(k, dtype)
-        for row, image in enumerate(digests):
-            index[image] = (path, row)
-        return path
+        return self._write(self.shard_folder(k, dtype), digests, tensors, {"k": str(k), "dtype": dtype})
 
     def read(self, k: int, dtype: str, digests: Sequence[str], shape: Sequence[int] | None = None) -> torch.Tensor:
         """float32 (n, T, C) features of ``digests``, in order, reading only those rows.
@@ -138,6 +130,79 @@ class FeatureStore:
                     batch = torch.empty((len(digests), *values.shape))
                 batch[position] = values
         return batch if batch is not None else torch.empty(0)
+
+    # --- segmentation masks -------------------------------------------------------------------
+
+    def missing_masks(self, digests: Sequence[str], size: int) -> list[str]:
+        """The digests (first occurrence order, no duplicates) without a stored ``size`` x ``size`` mask."""
+        index = self._folder_index(self.mask_folder(size))
+        return [h for h in dict.fromkeys(digests) if h not in index]
+
+    def damaged_masks(self, size: int) -> list[Path]:
+        return self._folder_damaged(self.mask_folder(size))
+
+    def discard_damaged_masks(self, size: int) -> int:
+        return self._discard_damaged(self.mask_folder(size))
+
+    def write_masks(self, size: int, digests: list[str], masks: torch.Tensor) -> Path:
+        """Store (n, size, size) uint8 class-id masks of ``digests`` as one shard, atomically."""
+        if masks.dtype != torch.uint8 or tuple(masks.shape) != (len(digests), size, size):
+            raise ValueError(f"masks {masks.dtype} {tuple(masks.shape)} are not uint8 {len(digests)} x {size} x {size}")
+        return self._write(self.mask_folder(size), digests, {"masks": masks.contiguous()}, {"size": str(size)})
+
+    def read_masks(self, size: int, digests: Sequence[str], num_classes: int) -> torch.Tensor:
+        """int64 (n, size, size) masks of ``digests``, in order; AdapterFileError if one is absent
+        or holds a label that is neither a class id below ``num_classes`` nor 255 (ignore)."""
+        index = self._folder_index(self.mask_folder(size))
+        absent = [h for h in digests if h not in index]
+        if absent:
+            raise AdapterFileError(f"the feature cache has no {size} x {size} masks for {len(absent)} image(s)")
+        batch = torch.empty((len(digests), size, size), dtype=torch.int64)
+        by_shard: dict[Path, list[tuple[int, int]]] = defaultdict(list)
+        for position, image in enumerate(digests):
+            path, row = index[image]
+            by_shard[path].append((position, row))
+        for path, wanted in by_shard.items():
+            with safe_open(str(path), framework="pt") as shard:
+                masks = shard.get_slice("masks")
+                for position, row in wanted:
+                    batch[position] = masks[row : row + 1][0].long()
+        bad = (batch >= num_classes) & (batch != IGNORE_LABEL)
+        if bad.any():
+            raise AdapterFileError(
+                f"the feature cache's masks hold label {int(batch[bad].max())}, but there are {num_classes} classes; "
+                f"delete {self.mask_folder(size)} to rebuild them"
+            )
+        return batch
+
+    # --- shard folders --------------------------------------------------------------------------
+
+    def _folder_index(self, folder: Path) -> dict[str, tuple[Path, int]]:
+        if folder not in self._index:
+            self._index[folder], self._damaged[folder] = self._scan(folder)
+        return self._index[folder]
+
+    def _folder_damaged(self, folder: Path) -> list[Path]:
+        self._folder_index(folder)
+        return list(self._damaged[folder])
+
+    def _discard_damaged(self, folder: Path) -> int:
+        shards = self._folder_damaged(folder)
+        for path in shards:
+            path.unlink(missing_ok=True)
+        self._damaged[folder] = []
+        return len(shards)
+
+    def _write(self, folder: Path, digests: list[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+        """One shard of ``tensors`` (rows = ``digests``) in ``folder``, written atomically and indexed."""
+        name = hashlib.sha256("".join(digests).encode()).hexdigest()[:24] + SHARD_SUFFIX
+        path = folder / name
+        metadata = {**metadata, "digests": json.dumps(digests), "checksum": checksum(tensors)}
+        save_tensors(tensors, path, metadata=metadata)
+        index = self._folder_index(folder)
+        for row, image in enumerate(digests):
+            index[image] = (path, row)
+        return path
 
     def _scan(self, folder: Path) -> tuple[dict[str, tuple[Path, int]], list[Path]]:
         """(digest -> (shard, row) over the sound shards, the damaged shards) of one folder."""
@@ -170,7 +235,7 @@ def _verified_digests(path: Path) -> list[str] | None:
             metadata = shard.metadata() or {}
             tensors = {name: shard.get_tensor(name) for name in shard.keys()}
         digests = json.loads(metadata["digests"])
-        rows = tensors["features"].shape[0]
+        rows = tensors["features" if "features" in tensors else "masks"].shape[0]
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError):
         return None
     if metadata.get("checksum") != checksum(tensors) or not isinstance(digests, list) or len(digests) != rows:

@@ -1,0 +1,1 @@
+"""Benchmarks with the papers' protocols: VTAB-1k (:mod:`.vtab`), with published numbers (:mod:`.published`)."""
