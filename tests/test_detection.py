@@ -211,6 +211,15 @@ def test_detection_adapter_refuses_another_detector_or_size(tmp_path):
         load_adapter(tmp_path, other)
 
 
+def test_export_refuses_a_detector_with_a_clear_error(tmp_path):
+    from deltavision.export import ExportError, export_adapter
+
+    save_adapter(_detector("convnext", "ssf", "fasterrcnn"), tmp_path / "adapter")
+    with pytest.raises(ExportError, match="detection model: exporting torchvision's detectors"):
+        export_adapter(tmp_path / "adapter", tmp_path / "model.onnx", "onnx", pretrained=False)
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_unknown_detector_or_option_is_an_option_error():
     name, opts = TINY["convnext"]
 
