@@ -63,6 +63,11 @@ def export_adapter(
     refuse_overwrite(out, overwrite)
     folder = resolve_adapter(adapter)
     config = read_adapter_config(folder)
+    if config.get("task") in ("detection", "instance"):
+        raise ExportError(
+            f"{adapter} is a {config['task']} model: exporting torchvision's detectors (list-of-dicts outputs, "
+            "data-dependent NMS) is not supported; use it from Python or `deltavision predict`"
+        )
     model = load_adapter(folder, pretrained=pretrained, checkpoint=checkpoint)
     merged = get_method(config["method"]).folds
     if merged:

@@ -47,6 +47,10 @@ def evaluate_saved_adapter(
     )
     if task == "segmentation":
         splits = build_segmentation_datasets(source, **common)
+    elif task in ("detection", "instance"):
+        from .data.detection import build_detection_datasets
+
+        splits = build_detection_datasets(source, masks=task == "instance", **common)
     else:
         splits = build_datasets(source, data_options=run.get("data_options"), **common)
     if len(splits.classes) != config["num_classes"]:
@@ -57,8 +61,8 @@ def evaluate_saved_adapter(
     check_precision(target, precision)
     model = load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint).to(target)
     objective = objective_for(task, splits.classes)
-    metrics = objective.evaluate(model, DataLoader(splits.val, batch_size=batch_size), progress=True, device=target,
-                                 precision=precision)
+    loader = DataLoader(splits.val, batch_size=batch_size, collate_fn=objective.collate)
+    metrics = objective.evaluate(model, loader, progress=True, device=target, precision=precision)
     return {**metrics, "task": task, "images": len(splits.val), "data": source, "warnings": warnings}
 
 
@@ -82,6 +86,8 @@ def merge_saved_adapter(adapter: Path, out: Path, checkpoint, pretrained: bool, 
 def dense_loading_call(config: dict[str, Any], file) -> str:
     """The calls that load a merged dense model: its structure with a plain backbone ("full"), then the weights."""
     options = f", backbone_options={config['backbone_options']!r}" if config.get("backbone_options") else ""
+    if config.get("head_options"):
+        options += f", head_options={config['head_options']!r}"
     return (
         f"model = deltavision.create_model({config['backbone']!r}, 'full', {config['num_classes']}, "
         f"task={config['task']!r}, head={config['head']!r}, pretrained=False{options}); "

@@ -21,7 +21,7 @@ OVERLAY_ALPHA = 0.5
 
 def predict_images(
     adapter: str | Path, images: list[Path], out: Path | None = None, *, top: int = 3, pretrained: bool = True,
-    checkpoint=None, device: str = "cpu",
+    checkpoint=None, device: str = "cpu", score_threshold: float = 0.5,
 ) -> list[dict[str, Any]]:
     """One dict per image: the top classes (classification), or the pixel share of each class and the
     overlay PNG written to ``out`` (segmentation)."""
@@ -31,11 +31,15 @@ def predict_images(
         raise AdapterFileError(f"{adapter} does not record its input size and classes; train it with `deltavision train`")
     target = resolve_device(device)
     model = load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint).to(target).eval()
-    if config.get("task", "classification") == "segmentation":
+    task = config.get("task", "classification")
+    if task != "classification":
         if out is None:
-            raise AdapterFileError("a segmentation adapter draws overlays: pass --out DIR")
+            raise AdapterFileError(f"a {task} adapter draws its predictions: pass --out DIR")
         ensure_writable_dir(out)
+    if task == "segmentation":
         return [_segment(model, path, config, out, target) for path in images]
+    if task in ("detection", "instance"):
+        return [_detect(model, path, config, out, target, score_threshold) for path in images]
     return [_classify(model, path, config, top, target) for path in images]
 
 
@@ -70,6 +74,26 @@ def _segment(model, path: Path, config: dict, out: Path, device) -> dict[str, An
     counts = np.bincount(mask.ravel(), minlength=len(config["classes"])) / mask.size
     shares = {name: float(c) for name, c in zip(config["classes"], counts) if c > 0}
     return {"image": str(path), "overlay": str(overlay), "classes": shares}
+
+
+def _detect(model, path: Path, config: dict, out: Path, device, score_threshold: float) -> dict[str, Any]:
+    """Boxes, class names, scores (and masks) drawn over the image at its own size."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from .tasks.drawing_detection import draw_detections
+
+    picture = load_rgb_image(path)
+    image = pil_to_tensor(picture).float() / 255  # the detector resizes to its training size and maps back
+    with torch.no_grad():
+        prediction = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+    drawing = out / f"{path.stem}.png"
+    atomic_write(drawing, lambda tmp: draw_detections(picture, prediction, config["classes"], score_threshold)
+                 .save(tmp, format="PNG"))
+    kept = prediction["scores"] >= score_threshold
+    detections = [{"class": config["classes"][label], "score": float(score), "box": [round(v, 1) for v in box]}
+                  for label, score, box in zip(prediction["labels"][kept].tolist(), prediction["scores"][kept],
+                                               prediction["boxes"][kept].tolist())]
+    return {"image": str(path), "overlay": str(drawing), "detections": detections}
 
 
 def class_colours(count: int) -> np.ndarray:

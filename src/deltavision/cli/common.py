@@ -42,8 +42,14 @@ DATA_HELP = (
     "Segmentation: fashion-scenes (offline composites of real images) or a Pascal VOC, ADE20K or images/ + masks/ "
     "folder."
 )
-TASK_HELP = "classification, or segmentation (per-pixel classes; a UPerNet or FPN head over the backbone's stages)."
-HEAD_HELP = "Segmentation head: upernet (default) or fpn (lighter)."
+TASK_HELP = (
+    "classification; segmentation (per-pixel classes; a UPerNet or FPN head over the backbone's stages); "
+    "detection (boxes); or instance (boxes and masks, Mask R-CNN)."
+)
+HEAD_HELP = (
+    "Segmentation head: upernet (default) or fpn (lighter). Detection: fasterrcnn (default) or retinanet; "
+    "instance: maskrcnn."
+)
 IMAGE_COLUMN_HELP = "hf: data: the image column [default: the one of feature type Image]."
 LABEL_COLUMN_HELP = "hf: data: the label column [default: the one of feature type ClassLabel]."
 DATA_ROOT_HELP = "torchvision: data: the folder the dataset is kept in."

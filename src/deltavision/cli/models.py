@@ -114,6 +114,11 @@ def evaluate_adapter(
             f"mIoU {metrics['miou']:.2f}%, pixel accuracy {metrics['pixel_acc']:.2f}% on {metrics['images']} "
             f"validation images of {metrics['data']}", highlight=False,
         )
+    elif metrics["task"] in ("detection", "instance"):
+        kinds = ("box", "mask") if metrics["task"] == "instance" else ("box",)
+        scores = "; ".join(f"{kind} AP {metrics[f'{kind}_ap']:.2f}, AP50 {metrics[f'{kind}_ap50']:.2f}, "
+                           f"AP75 {metrics[f'{kind}_ap75']:.2f}" for kind in kinds)
+        console.print(f"{scores} on {metrics['images']} validation images of {metrics['data']}", highlight=False)
     else:
         console.print(
             f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% on {metrics['images']} validation images "
@@ -125,24 +130,30 @@ def evaluate_adapter(
 def predict(
     adapter: str = typer.Argument(..., help=ADAPTER_HELP),
     images: List[Path] = typer.Argument(..., help="Image files to predict."),
-    out: Optional[Path] = typer.Option(None, help="Folder for the overlay PNGs (segmentation; required there)."),
+    out: Optional[Path] = typer.Option(
+        None, help="Folder for the overlay PNGs (segmentation, detection, instance; required there)."
+    ),
+    score_threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Detection: draw boxes scoring at least this."),
     top: int = typer.Option(3, min=1, help="Classification: how many classes to show per image."),
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
     pretrained: bool = typer.Option(True, help="Rebuild the backbone from pretrained weights."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
-    """Predict image files: the top classes of a classifier, or a segmentation overlay PNG per image
-    (class colours over the image, with a legend) in --out."""
+    """Predict image files: the top classes of a classifier, or a PNG per image in --out: a segmentation
+    overlay (class colours over the image, with a legend), or detections (boxes, class names, scores, masks)."""
     from ..predict import predict_images
 
     results = predict_images(adapter, images, out, top=top, pretrained=pretrained, checkpoint=checkpoint,
-                             device=device)
+                             device=device, score_threshold=score_threshold)
     if as_json:
         print(json.dumps(results))
         return
     for result in results:
-        if "overlay" in result:
+        if "detections" in result:
+            found = ", ".join(f"{d['class']} {d['score']:.2f}" for d in result["detections"]) or "nothing"
+            console.print(f"{result['image']}: {result['overlay']} ({found})", highlight=False, soft_wrap=True)
+        elif "overlay" in result:
             shares = ", ".join(f"{name} {100 * share:.1f}%" for name, share in result["classes"].items())
             console.print(f"{result['image']}: {result['overlay']} ({shares})", highlight=False, soft_wrap=True)
         else:

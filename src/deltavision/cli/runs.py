@@ -86,6 +86,10 @@ def train(
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, the main process reports
         if config.task == "segmentation":
             scores = f"mIoU {summary['miou']:.2f}%, pixel accuracy {summary['pixel_acc']:.2f}%"
+        elif config.task in ("detection", "instance"):
+            scores = f"box AP {summary['box_ap']:.2f}, AP50 {summary['box_ap50']:.2f}"
+            if config.task == "instance":
+                scores += f", mask AP {summary['mask_ap']:.2f}, AP50 {summary['mask_ap50']:.2f}"
         else:
             scores = f"top-1 {summary['top1']:.2f}%, top-5 {summary['top5']:.2f}%"
         console.print(

@@ -29,6 +29,8 @@ def create_model(
     backbone_options: dict[str, Any] | None = None,
     task: str = "classification",
     head: str | None = None,
+    detector: str | None = None,
+    head_options: dict[str, Any] | None = None,
     **method_options: Any,
 ) -> nn.Module:
     """A timm ``backbone`` with ``method`` applied and a ``num_classes`` head for ``task``.
@@ -36,11 +38,21 @@ def create_model(
     ``task="classification"``: the backbone's own classifier (``forward(images) -> (B, classes)``).
     ``task="segmentation"``: a :class:`~deltavision.tasks.segmentation.SegmentationModel`,
     ``head`` "upernet" (default) or "fpn", whose ``forward(images)`` gives
-    ``(B, classes, H, W)`` logits. Only the method's parameters and the head
+    ``(B, classes, H, W)`` logits.
+    ``task="detection"`` (``detector`` "fasterrcnn", the default, or "retinanet")
+    and ``task="instance"`` (Mask R-CNN): a torchvision detector (see
+    :mod:`deltavision.tasks.detection`); ``num_classes`` counts the background,
+    ``head_options`` may set ``image_size`` and ``fpn_channels``; ``detector``
+    is another name for ``head``. Only the method's parameters and the head
     require gradients. The model carries its :class:`ModelSpec` as ``model.deltavision``.
     """
     spec = get_method(method)
-    dense = _check_task(task, head)
+    if detector is not None:
+        if head is not None and head != detector:
+            raise MethodOptionError(f"head={head!r} and detector={detector!r} disagree; pass one of them")
+        head = detector
+    head = resolve_head(task, head)
+    dense = task != "classification"
     config = make_config(spec, method_options)  # a bad option fails before any weights load
     if dense and hasattr(config, "dense"):
         config = dataclasses.replace(config, dense=True)  # E3VA: stage norms for the dense head
@@ -50,27 +62,53 @@ def create_model(
     if not dense:
         fresh_head = not (pretrained or checkpoint) or num_classes != model.pretrained_cfg.get("num_classes")
         return _apply(model, backbone, spec, config, backbone_options, zero_head=fresh_head)
-    from ..tasks.segmentation import SegmentationModel, check_head
-
     adapted = _apply(model, backbone, spec, config, backbone_options, zero_head=False)
     model_spec = adapted.deltavision
     del adapted.deltavision
     _freeze_unused_final_layers(adapted, spec, backbone)
-    dense_model = SegmentationModel(adapted, num_classes, head=check_head(head))
-    dense_model.deltavision = dataclasses.replace(model_spec, num_classes=num_classes, task=task, head=dense_model.head_name)
+    if task == "segmentation":
+        if head_options:
+            raise MethodOptionError("segmentation heads take no head_options")
+        from ..tasks.segmentation import SegmentationModel
+
+        dense_model = SegmentationModel(adapted, num_classes, head=head)
+    else:
+        from ..tasks.detection import build_detector, check_head_options
+
+        head_options = check_head_options(head_options)
+        dense_model = build_detector(adapted, num_classes, head, head_options)
+    dense_model.deltavision = dataclasses.replace(
+        model_spec, num_classes=num_classes, task=task, head=head, head_options=dict(head_options or {})
+    )
     return dense_model
 
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection", "instance")
+# Where each dense task's model keeps the adapted backbone (classification: the model itself).
+ADAPTED_BACKBONE = {"segmentation": "backbone", "detection": "backbone.body", "instance": "backbone.body"}
 
 
-def _check_task(task: str, head: str | None) -> bool:
-    """Whether ``task`` is dense; unknown tasks and heads for classification are errors."""
+def resolve_head(task: str, head: str | None) -> str | None:
+    """The head of ``task`` with its default filled in; unknown tasks and heads are MethodOptionErrors."""
     if task not in TASKS:
         raise MethodOptionError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if task == "classification" and head is not None:
-        raise MethodOptionError("classification uses the backbone's own classifier; drop head=")
-    return task != "classification"
+    if task == "classification":
+        if head is not None:
+            raise MethodOptionError("classification uses the backbone's own classifier; drop head=")
+        return None
+    if task == "segmentation":
+        from ..tasks.segmentation import check_head
+
+        return check_head(head)
+    from ..tasks.detection import check_detector
+
+    return check_detector(task, head)
+
+
+def adapted_backbone(model: nn.Module) -> nn.Module:
+    """The adapted timm model (or method wrapper) inside a deltavision model of any task."""
+    path = ADAPTED_BACKBONE.get(spec_of(model).task)
+    return model.get_submodule(path) if path else model
 
 
 def _freeze_unused_final_layers(model: nn.Module, spec: MethodSpec, backbone: str) -> None:
@@ -161,7 +199,10 @@ def merge(model: nn.Module) -> nn.Module:
             "save it with save_adapter and load it with load_adapter instead"
         )
     if spec.task != "classification":
-        model.backbone = method.merge(model.backbone, _anatomy_for(model.backbone, method, spec.backbone)) or model.backbone
+        owner_path, _, name = ADAPTED_BACKBONE[spec.task].rpartition(".")
+        owner = model.get_submodule(owner_path)
+        inner = getattr(owner, name)
+        setattr(owner, name, method.merge(inner, _anatomy_for(inner, method, spec.backbone)) or inner)
         plain = model
     else:
         plain = method.merge(model, _anatomy_for(model, method, spec.backbone)) or model

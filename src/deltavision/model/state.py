@@ -42,7 +42,8 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)
     backbone_options: dict[str, Any] = field(default_factory=dict)
     task: str = "classification"
-    head: str | None = None  # the dense head ("upernet", "fpn"); None for classification
+    head: str | None = None  # the dense head or detector ("upernet", "fpn", "fasterrcnn", ...); None for classification
+    head_options: dict[str, Any] = field(default_factory=dict)  # detectors: image_size, fpn_channels
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,7 +95,7 @@ def adapter_files(directory: str | Path) -> tuple[Path, Path]:
 CONFIG_TYPES = {
     "backbone": str, "method": str, "num_classes": int, "options": dict, "backbone_options": (dict, type(None)),
     "seed": int, "classes": list, "data": dict, "source": str, "deltavision_version": str, "run": dict,
-    "task": str, "head": (str, type(None)),
+    "task": str, "head": (str, type(None)), "head_options": dict,
 }
 
 
@@ -181,6 +182,7 @@ def load_adapter(
             backbone_options=config.get("backbone_options") or None,
             task=config.get("task", "classification"),
             head=config.get("head"),
+            head_options=config.get("head_options") or None,
             **config.get("options", {}),
         )
     else:
@@ -192,9 +194,9 @@ def load_adapter(
 
 def _check_same_spec(spec: ModelSpec, config: dict[str, Any], directory) -> None:
     defaults = {"task": "classification"}
-    for key in ("backbone", "method", "num_classes", "options", "backbone_options", "task", "head"):
+    for key in ("backbone", "method", "num_classes", "options", "backbone_options", "task", "head", "head_options"):
         saved, ours = config.get(key, defaults.get(key)), getattr(spec, key)
-        if key in ("options", "backbone_options"):
+        if key in ("options", "backbone_options", "head_options"):
             saved = saved or {}
             ours = {k: list(v) if isinstance(v, tuple) else v for k, v in ours.items()}
         if saved != ours:

@@ -96,6 +96,14 @@ class FeaturePyramid(nn.Module):
             return [max(1, picked[0] // 4), max(1, picked[0] // 2), picked[0], picked[0] * 2]
         return picked + [picked[-1] * 2 ** (i + 1) for i in range(len(self.resample))]
 
+    def drop_finest(self) -> None:
+        """Keep the three coarsest levels (RetinaNet reads strides 8-32, not 4)."""
+        if self.simple:
+            del self.resample[0]
+        else:
+            self.picked = self.picked[1:]
+        self.channels, self.strides = self.channels[1:], self.strides[1:]
+
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         levels = [maps[i] for i in self.picked]
         if self.simple:

@@ -32,7 +32,7 @@ from ..schedule import warmup_then_cosine
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import autocast, check_precision, grad_scaler, resolve_device
 from .distributed import World, all_sum, barrier, setup
-from .objectives import ClassificationObjective, SegmentationObjective
+from .objectives import ClassificationObjective, Objective
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.csv"
@@ -113,11 +113,11 @@ class _Run:
     device: torch.device
     world: World
     config: TrainConfig
-    objective: ClassificationObjective | SegmentationObjective
+    objective: Objective
 
 
 def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Path, resume: bool = False,
-          objective: ClassificationObjective | SegmentationObjective | None = None) -> TrainResult:
+          objective: Objective | None = None) -> TrainResult:
     """Train ``model`` in place on ``train_set``, validating on ``val_set`` after every epoch.
 
     ``objective`` says what is optimised and scored (default: classification).
@@ -135,9 +135,10 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
     model.to(device)
     sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed)
     drop_last = objective.drop_last and len(train_set) // world.size > config.batch_size
-    train_loader = _loader(train_set, config, device, sampler=sampler, drop_last=drop_last)
+    train_loader = _loader(train_set, config, device, sampler=sampler, drop_last=drop_last,
+                           collate=objective.collate)
     val_loader = _loader(Subset(val_set, range(world.rank, len(val_set), world.size)), config, device,
-                         batch_size=max(64, config.batch_size))
+                         batch_size=max(objective.val_batch_floor, config.batch_size), collate=objective.collate)
     optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
     run = _Run(
@@ -167,10 +168,11 @@ def train(model: nn.Module, train_set, val_set, config: TrainConfig, out_dir: Pa
 
 
 def _loader(dataset, config: TrainConfig, device: torch.device, sampler=None, batch_size: int | None = None,
-            drop_last: bool = False):
+            drop_last: bool = False, collate=None):
     return DataLoader(
         dataset, batch_size=batch_size or config.batch_size, sampler=sampler, num_workers=config.workers,
         pin_memory=device.type == "cuda", persistent_workers=config.workers > 0, drop_last=drop_last,
+        collate_fn=collate,
     )
 
 
@@ -219,11 +221,11 @@ def _train_one_epoch(run: _Run, loader, epoch: int) -> float:
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not show)
     batches = len(loader)
     for index, (images, labels) in enumerate(bar):
-        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+        images, labels = run.objective.to_device(images, labels, run.device)
         last_of_step = (index + 1) % config.grad_accum == 0 or index + 1 == batches
         with _sync_gradients(run.net, last_of_step):
             with autocast(run.device, config.precision):
-                loss = run.criterion(run.net(images).float(), labels)
+                loss = run.objective.loss(run.net, images, labels, run.criterion)
             _check_finite(loss, run.world, run.device, epoch, index)
             run.scaler.scale(loss / _micro_batches_in_step(index, batches, config.grad_accum)).backward()
         if last_of_step:
@@ -231,8 +233,9 @@ def _train_one_epoch(run: _Run, loader, epoch: int) -> float:
             run.scaler.update()
             run.optimizer.zero_grad(set_to_none=True)
             run.schedule.step()
-        total += loss.item() * labels.numel()
-        count += labels.numel()
+        items = run.objective.count(labels)
+        total += loss.item() * items
+        count += items
         bar.set_postfix(loss=f"{total / count:.4f}")
     total, count = all_sum([total, count], run.world, run.device)
     return total / max(1, count)

@@ -20,7 +20,24 @@ def _default_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-class ClassificationObjective:
+class Objective:
+    """What every objective shares: a batch is (images, labels) tensors; the loss is ``criterion(net(images), labels)``."""
+
+    collate = None  # the DataLoader's default collation
+    val_batch_floor = 64  # validation batches hold at least this many images
+
+    def to_device(self, images, labels, device: torch.device):
+        return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    def loss(self, net: nn.Module, images, labels, criterion: nn.Module) -> torch.Tensor:
+        return criterion(net(images).float(), labels)
+
+    def count(self, labels) -> int:
+        """How many items the batch's mean loss averages over (the running training loss weighs by it)."""
+        return labels.numel()
+
+
+class ClassificationObjective(Objective):
     """Label-smoothed cross-entropy; top-1 and top-5 accuracy (percent)."""
 
     task = "classification"
@@ -54,7 +71,7 @@ class ClassificationObjective:
         return f"val top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%"
 
 
-class SegmentationObjective:
+class SegmentationObjective(Objective):
     """Per-pixel cross-entropy (``ignore_index`` pixels left out); mIoU, pixel accuracy, IoU per class.
 
     The last training batch is dropped when it would hold one image: the
@@ -105,8 +122,93 @@ class SegmentationObjective:
         return f"val mIoU {row['miou']:.2f}%, pixel accuracy {row['pixel_acc']:.2f}%"
 
 
+def collate_detection(batch: list) -> tuple[torch.Tensor, list[dict]]:
+    """Stack the (equal-sized) images; keep the targets a list of dicts, as torchvision's detectors take them."""
+    images, targets = zip(*batch)
+    return torch.stack(images), list(targets)
+
+
+class DetectionObjective(Objective):
+    """The detector's own loss dict, summed; COCO box (and mask) AP, AP50, AP75 in percent.
+
+    AP comes from torchmetrics' ``MeanAveragePrecision`` on the pycocotools
+    backend (COCOeval: AP averaged over IoU 0.50:0.95, 101 recall points, 100
+    detections per image). Mask AP thresholds Mask R-CNN's mask probabilities at 0.5.
+    """
+
+    drop_last = True  # a last batch of one image cannot train the BatchNorms full fine-tuning re-estimates
+    collate = staticmethod(collate_detection)
+    val_batch_floor = 1
+
+    def __init__(self, classes: list[str], masks: bool = False):
+        self.classes, self.masks = list(classes), masks
+        self.task = "instance" if masks else "detection"
+        kinds = (("box", "box"), ("mask", "mask")) if masks else (("box", "box"),)
+        self.plotted = {f"{key}_{ap}": f"{label} {name}" for key, label in kinds
+                        for ap, name in (("ap", "AP"), ("ap50", "AP50"), ("ap75", "AP75"))}
+
+    def criterion(self, label_smoothing: float) -> None:
+        return None  # the detector computes its losses
+
+    def to_device(self, images, targets, device: torch.device):
+        return images.to(device, non_blocking=True), [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+    def loss(self, net: nn.Module, images, targets, criterion) -> torch.Tensor:
+        return sum(loss.float() for loss in net(list(images), targets).values())
+
+    def count(self, targets) -> int:
+        return len(targets)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, progress: bool = False, device: torch.device | None = None,
+                 precision: str = "fp32", world: World = World()) -> dict:
+        """COCO AP over ``loader`` (torchmetrics gathers the processes' detections)."""
+        import contextlib
+        import io
+
+        from torchmetrics.detection import MeanAveragePrecision
+
+        device = device or _default_device(model)
+        model.eval()
+        metric = MeanAveragePrecision(
+            box_format="xyxy", iou_type=("bbox", "segm") if self.masks else ("bbox",), backend="pycocotools"
+        )
+        for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
+            with autocast(device, precision):
+                outputs = model(list(images.to(device, non_blocking=True)))
+            metric.update([self._scored(o) for o in outputs], [self._truth(t) for t in targets])
+        with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its tables
+            scores = metric.compute()
+        row = {}
+        for kind, name in (("bbox", "box"), ("segm", "mask"))[: 2 if self.masks else 1]:
+            for suffix, key in (("map", "ap"), ("map_50", "ap50"), ("map_75", "ap75")):
+                row[f"{name}_{key}"] = 100.0 * max(0.0, float(scores[f"{kind}_{suffix}"]))
+        return row
+
+    def _scored(self, output: dict) -> dict:
+        scored = {k: output[k].detach().float().cpu() for k in ("boxes", "scores")}
+        scored["labels"] = output["labels"].cpu()
+        if self.masks:
+            scored["masks"] = output["masks"][:, 0].cpu() > 0.5
+        return scored
+
+    def _truth(self, target: dict) -> dict:
+        truth = {"boxes": target["boxes"].float().cpu(), "labels": target["labels"].cpu()}
+        if self.masks:
+            truth["masks"] = target["masks"].cpu().bool()
+        return truth
+
+    def summary(self, row: dict) -> str:
+        text = f"val box AP {row['box_ap']:.2f}, AP50 {row['box_ap50']:.2f}, AP75 {row['box_ap75']:.2f}"
+        if self.masks:
+            text += f"; mask AP {row['mask_ap']:.2f}, AP50 {row['mask_ap50']:.2f}"
+        return text
+
+
 def objective_for(task: str, classes: list[str] | None = None):
-    """The objective of ``task`` ("classification" or "segmentation", which needs the class names)."""
+    """The objective of ``task``; the dense tasks need the class names."""
     if task == "segmentation":
         return SegmentationObjective(classes or [])
+    if task in ("detection", "instance"):
+        return DetectionObjective(classes or [], masks=task == "instance")
     return ClassificationObjective()

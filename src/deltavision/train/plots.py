@@ -16,7 +16,8 @@ def plot_history(history: list[dict], path: Path, plotted: dict[str, str] | None
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    if all("val_loss" in r for r in history):  # detectors give no validation loss
+        ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
     for key, label in plotted.items():

@@ -33,6 +33,9 @@ from .objectives import objective_for
 
 ADAPTER_DIR = "adapter"
 RUN_FILE = "run.json"
+# The default learning rate of a detection run at most: torchvision's detector heads (millions of fresh
+# weights) diverge under AdamW at the 1e-2 that suits the small adapters of SSF or E3VA alone.
+DETECTOR_MAX_LR = 1e-3
 # Settings that do not change what a run computes, so a resume may differ in them.
 FREE_ON_RESUME = (
     "resume", "overwrite", "out_dir", "progress", "device", "workers", "channels_last", "grad_checkpointing", "compile",
@@ -95,16 +98,12 @@ def resolve_run(config: RunConfig) -> RunConfig:
     spec = get_method(config.method)
     options = config_options(make_config(spec, config.options))
     lr = config.train.lr if config.train.lr is not None else spec.default_lr
+    if config.train.lr is None and config.task in ("detection", "instance"):
+        lr = min(lr, DETECTOR_MAX_LR)
     image_size = config.image_size or data_settings(config.backbone, config.backbone_options)["image_size"]
-    head = None
-    if config.task == "segmentation":
-        from ..tasks.segmentation import check_head
+    from ..model.build import resolve_head
 
-        head = check_head(config.head)
-    elif config.task != "classification" or config.head is not None:
-        from ..model.build import _check_task
-
-        _check_task(config.task, config.head)
+    head = resolve_head(config.task, config.head)
     return replace(
         config, options=options, image_size=image_size, head=head, backbone_options=dict(config.backbone_options or {}),
         train=replace(config.train, lr=lr),
@@ -178,7 +177,7 @@ def run_training(config: RunConfig) -> dict[str, Any]:
     model = create_model(
         config.backbone, config.method, len(splits.classes), pretrained=config.pretrained,
         checkpoint=config.checkpoint, backbone_options=config.backbone_options or None, task=config.task,
-        head=config.head, **config.options,
+        head=config.head, head_options=detector_options(config), **config.options,
     )
     device = resolve_device(config.train.device)
     check_precision(device, config.train.precision)
@@ -214,6 +213,7 @@ def run_training(config: RunConfig) -> dict[str, Any]:
 def build_task_datasets(config: RunConfig, data_cfg: dict):
     """The run's train and validation splits for its task."""
     from ..data import build_datasets
+    from ..data.detection import build_detection_datasets
     from ..data.segmentation import build_segmentation_datasets
 
     common = dict(
@@ -222,7 +222,14 @@ def build_task_datasets(config: RunConfig, data_cfg: dict):
     )
     if config.task == "segmentation":
         return build_segmentation_datasets(config.data, **common)
+    if config.task in ("detection", "instance"):
+        return build_detection_datasets(config.data, masks=config.task == "instance", **common)
     return build_datasets(config.data, data_options=config.data_options, **common)
+
+
+def detector_options(config: RunConfig) -> dict | None:
+    """Detectors resize every image to the run's input size (not torchvision's 800 px)."""
+    return {"image_size": config.image_size} if config.task in ("detection", "instance") else None
 
 
 def data_line(splits, source: str) -> str:
@@ -249,7 +256,10 @@ def prepare_model(model: torch.nn.Module, config: RunConfig) -> torch.nn.Module:
                 f"--grad-checkpointing saves memory of the backbone's backward pass, which {config.method} "
                 "never runs; drop the flag"
             )
-        backbone = getattr(model, "backbone", model)
+        from ..model.build import adapted_backbone
+
+        backbone = adapted_backbone(model)
+        backbone = getattr(backbone, "backbone", backbone)  # a method wrapper's timm model
         if not hasattr(backbone, "set_grad_checkpointing"):
             raise RunConflictError(f"{config.backbone} does not support gradient checkpointing in timm")
         backbone.set_grad_checkpointing(True)
