@@ -13,6 +13,7 @@ from .io import refuse_overwrite, save_tensors
 from .model import load_adapter, merge, read_adapter_config
 from .train.device import check_precision, resolve_device
 from .train.loop import evaluate
+from .train.run import eval_transform_settings
 
 
 def evaluate_saved_adapter(
@@ -41,7 +42,7 @@ def evaluate_saved_adapter(
     splits = build_datasets(
         source, image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"],
         val_fraction=run.get("val_fraction", 0.2), train_limit=run.get("train_limit"), val_limit=limit,
-        augment=False, seed=run.get("train", {}).get("seed", config.get("seed", 0)),
+        augment=False, seed=run.get("train", {}).get("seed", config.get("seed", 0)), **eval_transform_settings(data_cfg),
     )
     if len(splits.classes) != config["num_classes"]:
         raise DataError(

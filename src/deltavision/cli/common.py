@@ -38,6 +38,11 @@ DATA_HELP = (
 )
 TASK_HELP = "classification, or segmentation (per-pixel classes; a UPerNet or FPN head over the backbone's stages)."
 HEAD_HELP = "Segmentation head: upernet (default) or fpn (lighter)."
+LOGGER_DEFAULT = "auto"
+LOGGER_HELP = (
+    "Besides log.csv: tensorboard (event files in the run folder; auto picks it when tensorboard is installed), "
+    "wandb (Weights & Biases, pip install wandb) or csv (nothing more)."
+)
 
 
 def _options(pairs: Optional[List[str]]) -> dict:

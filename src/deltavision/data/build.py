@@ -11,7 +11,7 @@ from deltavision.data.bundled import BUNDLED_LOADERS, bundled_name
 from deltavision.data.datasets import ArrayImageDataset, ImageFileDataset
 from deltavision.data.folder import check_image_files, scan_image_folder
 from deltavision.data.sampling import stratified_split, stratified_subset
-from deltavision.data.transforms import make_transforms
+from deltavision.data.transforms import Augmentation, make_transforms
 from deltavision.errors import DataError
 
 # Distinct seed streams, so that splitting and each limit draw independent samples.
@@ -44,10 +44,19 @@ class _Options:
     val_limit: int | None
     augment: bool
     seed: int
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    augmentation: Augmentation = Augmentation()
+    transforms_wanted: bool = True
 
     def transforms(self, flip: bool):
-        """``(train_tf, eval_tf)`` for these options."""
-        return make_transforms(self.image_size, self.mean, self.std, self.augment, flip=flip)
+        """``(train_tf, eval_tf)`` for these options (``(None, None)``: untransformed images)."""
+        if not self.transforms_wanted:
+            return None, None
+        return make_transforms(
+            self.image_size, self.mean, self.std, self.augment, flip=flip, interpolation=self.interpolation,
+            crop_pct=self.crop_pct, augmentation=self.augmentation,
+        )
 
     def split_indices(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stratified ``(train, val)`` indices of one labelled pool."""
@@ -130,17 +139,25 @@ def build_datasets(
     val_limit: int | None = None,
     augment: bool = True,
     seed: int = 0,
+    interpolation: str = "bilinear",
+    crop_pct: float = 1.0,
+    augmentation: Augmentation = Augmentation(),
+    transforms: bool = True,
 ) -> DatasetSplits:
     """Build train/val datasets from an image folder path or a bundled dataset name.
 
     Bundled names (``fashion-mnist``, ``mnist5k``, ``digits``) take precedence over a folder of
     the same name; write ``./digits`` (or pass a Path) to mean the folder. Items are ``(tensor, label)``: RGB (grey
-    replicated), resized to ``image_size`` and normalised with ``mean``/``std``. Without an
+    replicated), resized to ``image_size`` and normalised with ``mean``/``std`` by timm's transforms
+    (:func:`~deltavision.data.transforms.make_transforms`: ``interpolation``, eval ``crop_pct``,
+    training ``augmentation``); ``transforms=False`` leaves items untransformed PIL images and
+    needs no timm (the MIST edge lists its images so). Without an
     official or ``train/``+``val/`` split, ``val_fraction`` of each class goes to val (seeded).
     ``train_limit``/``val_limit`` keep a seeded class-stratified subset. Folder images are
     verified up front; any user data problem raises :class:`~deltavision.errors.DataError`.
     """
-    options = _Options(image_size, mean, std, val_fraction, train_limit, val_limit, augment, seed)
+    options = _Options(image_size, mean, std, val_fraction, train_limit, val_limit, augment, seed,
+                       interpolation, crop_pct, augmentation, transforms)
     name = bundled_name(source) if isinstance(source, str) else None
     if name is not None:
         return _bundled_splits(name, options)

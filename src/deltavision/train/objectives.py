@@ -1,6 +1,8 @@
-"""What the training loop optimises and scores, per task: the loss, the validation metrics, the epoch line.
+"""What the training loop optimises and scores, per task: the loss, batch mixing, the validation metrics.
 
-Imports no timm (the MIST edge trainer shares the loop).
+Imports no timm at import time (the MIST edge trainer shares the loop's
+module); mixup/cutmix and top-k accuracy come from timm when they are used.
+Mixup, cutmix and label smoothing are classification's only.
 """
 
 from __future__ import annotations
@@ -20,20 +22,51 @@ def _default_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def mixes(config) -> bool:
+    """Whether ``config`` (a TrainConfig) asks for mixup or cutmix."""
+    return config.mixup > 0 or config.cutmix > 0
+
+
 class ClassificationObjective:
-    """Label-smoothed cross-entropy; top-1 and top-5 accuracy (percent)."""
+    """Label-smoothed cross-entropy, or with mixup/cutmix soft-target cross-entropy on mixed batches;
+    top-1 and top-5 accuracy (percent, ``timm.utils.accuracy``).
+
+    ``num_classes`` is needed only to mix (the soft targets are one-hot vectors).
+    """
 
     task = "classification"
     plotted = {"top1": "top-1", "top5": "top-5"}
-    drop_last = False
 
-    def criterion(self, label_smoothing: float) -> nn.Module:
-        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    def __init__(self, num_classes: int | None = None):
+        self.num_classes = num_classes
+
+    def drop_last(self, config) -> bool:
+        """Mixing pairs images, so a ragged last batch (possibly odd) is dropped."""
+        return mixes(config)
+
+    def criterion(self, config) -> nn.Module:
+        if mixes(config):
+            from .recipe import soft_target_loss
+
+            return soft_target_loss()
+        return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    def mixer(self, config):
+        """timm's Mixup turning ``(images, labels)`` into mixed images and soft targets, or None."""
+        if not mixes(config):
+            return None
+        if self.num_classes is None:
+            raise ValueError("mixup/cutmix need the number of classes: ClassificationObjective(num_classes=...)")
+        from .recipe import make_mixup
+
+        return make_mixup(config, self.num_classes)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, progress: bool = False, device: torch.device | None = None,
                  precision: str = "fp32", world: World = World()) -> dict:
         """Mean cross-entropy, top-1 and top-5 accuracy over ``loader`` (summed over processes)."""
+        from timm.utils import accuracy
+
         device = device or _default_device(model)
         model.eval()
         loss_sum, top1, top5, seen = 0.0, 0, 0, 0
@@ -43,9 +76,9 @@ class ClassificationObjective:
                 logits = model(images)
             logits = logits.float()
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            top1 += (best[:, 0] == labels).sum().item()
-            top5 += (best == labels[:, None]).any(dim=1).sum().item()
+            batch_top1, batch_top5 = accuracy(logits, labels, topk=(1, 5))  # percent; top-5 is top-C under 5 classes
+            top1 += round(batch_top1.item() * labels.numel() / 100)
+            top5 += round(batch_top5.item() * labels.numel() / 100)
             seen += labels.numel()
         loss_sum, top1, top5, seen = all_sum([loss_sum, top1, top5, seen], world, device)
         return {"val_loss": loss_sum / seen, "top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen}
@@ -63,13 +96,19 @@ class SegmentationObjective:
 
     task = "segmentation"
     plotted = {"miou": "mIoU", "pixel_acc": "pixel accuracy"}
-    drop_last = True
 
     def __init__(self, classes: list[str], ignore_index: int = 255):
         self.classes, self.ignore_index = list(classes), ignore_index
 
-    def criterion(self, label_smoothing: float) -> nn.Module:
+    def drop_last(self, config) -> bool:
+        return True
+
+    def criterion(self, config) -> nn.Module:
         return nn.CrossEntropyLoss(ignore_index=self.ignore_index)
+
+    def mixer(self, config):
+        """Segmentation mixes nothing (run.resolve_run refuses --mixup/--cutmix for it)."""
+        return None
 
     @torch.no_grad()
     def confusion(self, model: nn.Module, loader, progress: bool = False, device: torch.device | None = None,
@@ -109,4 +148,4 @@ def objective_for(task: str, classes: list[str] | None = None):
     """The objective of ``task`` ("classification" or "segmentation", which needs the class names)."""
     if task == "segmentation":
         return SegmentationObjective(classes or [])
-    return ClassificationObjective()
+    return ClassificationObjective(len(classes) if classes else None)

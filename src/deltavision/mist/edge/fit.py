@@ -1,6 +1,7 @@
 """Training and evaluating the edge network on cached features, and choosing k (MIST, Sec. 3.2-3.3).
 
-AdamW with linear warm-up then cosine decay, label-smoothed cross-entropy,
+AdamW with linear warm-up then cosine decay (timm's CosineLRScheduler curve,
+computed here: an edge device has no timm), label-smoothed cross-entropy,
 weight decay on matrices only. Batches are read from the local feature store
 row by row, so memory holds one batch of features, never the dataset. A loss
 that stops being finite ends training with :class:`NonFiniteLossError` rather
@@ -9,9 +10,11 @@ than saving a NaN model.
 k is chosen as the paper does: train briefly for every candidate in
 {N/4, N/2, 3N/4, N} and keep the best validation top-1 (ties go to the larger k).
 
-Its configuration, optimizer grouping, schedule and non-finite-loss error are
-the classification trainer's (:mod:`deltavision.train.loop`, which imports no
-timm); like the rest of the edge side, this module never imports timm.
+Its configuration and non-finite-loss error are the classification trainer's
+(:mod:`deltavision.train.loop`, importable without timm); the trainer takes
+its optimizer groups and schedule from timm (:mod:`deltavision.train.recipe`),
+so this module keeps the one timm-free copy of both, and like the rest of the
+edge side never imports timm.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ...errors import NonFiniteLossError
 from ...train.device import resolve_device
-from ...train.loop import TrainConfig, make_optimizer, make_schedule
+from ...train.loop import TrainConfig
 from .network import EdgeNetwork
 from .store import FeatureStore
 
@@ -73,8 +76,9 @@ def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: Fe
     device = resolve_device(config.device)
     model.to(device)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    optimizer = make_optimizer(model, config)
-    schedule = make_schedule(optimizer, config, steps_per_epoch, epochs)
+    optimizer = torch.optim.AdamW(decay_groups(model, config.weight_decay), lr=config.lr)
+    learning_rate = warmup_cosine(config, steps_per_epoch * epochs, int(config.warmup_epochs * steps_per_epoch))
+    updates = 0
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(config.seed)
     bar = tqdm(total=epochs * steps_per_epoch, desc=f"edge k={train.k}", unit="step", disable=not config.progress)
@@ -89,8 +93,10 @@ def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: Fe
                 _check_finite(loss, epoch, step, train.k, config.lr)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(updates)
                 optimizer.step()
-                schedule.step()
+                updates += 1
                 loss_sum += loss.item() * len(labels)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
@@ -99,6 +105,31 @@ def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: Fe
                 row.update(evaluate_edge(model, val))
             history.append(row)
     return history
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in AdamW groups, weight decay on matrices only (as timm's ``param_groups_weight_decay``)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def warmup_cosine(config: TrainConfig, total: int, warmup: int) -> Callable[[int], float]:
+    """The learning rate of update ``t`` (0-based) as timm's CosineLRScheduler gives it with a warm-up prefix:
+    linear from ``config.warmup_lr`` over ``warmup`` updates, then a half cosine from ``config.lr`` to
+    ``config.min_lr`` at update ``total``."""
+    warmup = min(warmup, max(0, total - 1))
+    span = max(1, total - warmup)
+
+    def rate(t: int) -> float:
+        if t < warmup:
+            return config.warmup_lr + t * (config.lr - config.warmup_lr) / warmup
+        done = min(t - warmup, span)
+        return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * done / span))
+
+    return rate
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, k: int, lr: float) -> None:
