@@ -181,6 +181,17 @@ def test_the_recipe_adds_randaugment_random_erasing_and_colour_jitter():
     assert train_tf(Image.new("RGB", (20, 20), (90, 30, 200))).shape == (3, 16, 16)
 
 
+def test_randaugment_at_full_magnitude_posterizes_without_failing():
+    """timm's increasing posterize asks for 0 bits at magnitude 10, which Pillow refuses mid-epoch."""
+    train_tf, _ = make_transforms(16, **GREY_STATS, augment=True, augmentation=Augmentation("rand-m10-inc1"))
+    policy = next(step for step in train_tf.transforms if type(step).__name__ == "RandAugment")
+    posterize = next(op for op in policy.ops if op.name == "PosterizeIncreasing")
+    posterize.prob = 1.0
+    image = Image.fromarray(np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3))
+    pixels = np.asarray(posterize(image))
+    assert set(np.unique(pixels)) <= {0, 128}  # one bit kept
+
+
 def test_evaluation_crops_the_centre_by_the_backbones_crop_pct():
     """A 64 px image with a 4 px white frame: crop_pct 0.875 at 56 px resizes to 64 and cuts the frame off;
     crop_pct 1 (a plain resize) keeps it."""

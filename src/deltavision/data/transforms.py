@@ -65,4 +65,25 @@ def make_transforms(
         color_jitter=augmentation.color_jitter or None, auto_augment=augmentation.auto_augment,
         re_prob=augmentation.reprob, **stats,
     )
+    _keep_a_posterize_bit(train_tf)
     return train_tf, eval_tf
+
+
+def _keep_a_posterize_bit(transform) -> None:
+    """Make the policy's Posterize ops keep at least one bit.
+
+    timm's increasing posterize (the ``inc1`` of SSF's ``rand-m9-mstd0.5-inc1``)
+    asks for 0 bits when the sampled magnitude reaches its maximum, which
+    Pillow (11 and later) refuses with a ValueError in the middle of an epoch;
+    0 bits would be an all-black image anyway. Only this transform's ops change.
+    """
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize_at_least_one_bit
+
+
+def _posterize_at_least_one_bit(image, bits_to_keep, **_):
+    from PIL import ImageOps
+
+    return image if bits_to_keep >= 8 else ImageOps.posterize(image, max(1, bits_to_keep))
