@@ -181,6 +181,17 @@ def test_the_recipe_adds_randaugment_random_erasing_and_colour_jitter():
     assert train_tf(Image.new("RGB", (20, 20), (90, 30, 200))).shape == (3, 16, 16)
 
 
+def test_folders_are_evaluated_with_the_centre_crop_and_bundled_sets_whole(three_class_folder):
+    """crop_pct reaches a folder's evaluation transform; the bundled sets (objects filling 8-28 px frames)
+    are resized whole whatever the backbone's crop."""
+    whole = build("digits", augment=False, val_limit=5).val
+    asked_to_crop = build("digits", augment=False, val_limit=5, crop_pct=0.5).val
+    assert torch.equal(asked_to_crop[0][0], whole[0][0])
+    plain = build(three_class_folder, augment=False, val_fraction=0.5).val
+    cropped = build(three_class_folder, augment=False, val_fraction=0.5, crop_pct=0.5).val
+    assert cropped[0][0].shape == plain[0][0].shape and not torch.equal(cropped[0][0], plain[0][0])
+
+
 def test_randaugment_at_full_magnitude_posterizes_without_failing():
     """timm's increasing posterize asks for 0 bits at magnitude 10, which Pillow refuses mid-epoch."""
     train_tf, _ = make_transforms(16, **GREY_STATS, augment=True, augmentation=Augmentation("rand-m10-inc1"))
