@@ -183,10 +183,10 @@ def test_the_recipe_adds_randaugment_random_erasing_and_colour_jitter():
 
 def test_folders_are_evaluated_with_the_centre_crop_and_bundled_sets_whole(three_class_folder):
     """crop_pct reaches a folder's evaluation transform; the bundled sets (objects filling 8-28 px frames)
-    are resized whole whatever the backbone's crop."""
+    are resized whole and bilinearly whatever the backbone's crop and interpolation."""
     whole = build("digits", augment=False, val_limit=5).val
-    asked_to_crop = build("digits", augment=False, val_limit=5, crop_pct=0.5).val
-    assert torch.equal(asked_to_crop[0][0], whole[0][0])
+    asked_to_crop = build("digits", augment=False, val_limit=5, crop_pct=0.5, interpolation="bicubic").val
+    assert torch.equal(asked_to_crop[0][0], whole[0][0])  # no crop, and bilinear upscaling
     plain = build(three_class_folder, augment=False, val_fraction=0.5).val
     cropped = build(three_class_folder, augment=False, val_fraction=0.5, crop_pct=0.5).val
     assert cropped[0][0].shape == plain[0][0].shape and not torch.equal(cropped[0][0], plain[0][0])
