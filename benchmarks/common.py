@@ -60,8 +60,8 @@ import deltavision  # noqa: E402
 from deltavision.backbones import create_backbone  # noqa: E402
 from deltavision.errors import DeltaVisionError  # noqa: E402
 from deltavision.train.device import autocast, check_precision, resolve_device  # noqa: E402
-from deltavision.train.loop import parameter_groups  # noqa: E402
-from deltavision.train.run import peak_rss_bytes  # noqa: E402
+from timm.optim import param_groups_weight_decay  # noqa: E402
+from deltavision.memory import peak_rss_bytes  # noqa: E402
 
 EMBEDDED = "tf_efficientnet_lite0"  # the only backbone with offline pretrained weights
 NUM_CLASSES = 10
@@ -158,8 +158,8 @@ def training_step(model, optimizer, images, labels) -> None:
 
 
 def training_call(model: nn.Module, images, labels) -> Call:
-    """One training step (forward, cross-entropy, backward, AdamW over ``parameter_groups``) as a call."""
-    optimizer = torch.optim.AdamW(parameter_groups(model, WEIGHT_DECAY), lr=LEARNING_RATE)
+    """One training step (forward, cross-entropy, backward, AdamW over timm's ``param_groups_weight_decay``) as a call."""
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, WEIGHT_DECAY), lr=LEARNING_RATE)
     deltavision.set_train_mode(model)
     return functools.partial(training_step, model, optimizer, images, labels)
 

@@ -7,7 +7,7 @@ E3VA at rank 8, 16 and 32) this measures
 
 * **peak training memory**: a fresh process per (backbone, batch, variant)
   builds the model and a fixed random batch, reads the peak RSS, runs a few
-  training steps (AdamW over ``parameter_groups``) and reports how far the
+  training steps (AdamW over timm's ``param_groups_weight_decay``) and reports how far the
   peak grew, as foundation.py does (``common.peak_growth``);
 * **step time**: one fresh process per (backbone, batch) builds every
   variant and runs their steps round-robin, rotating the order each round:

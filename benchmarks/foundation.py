@@ -8,7 +8,7 @@ For each (backbone, method) pair this measures
   carries over from another configuration. The worker builds the model and a
   fixed random input batch, reads the peak resident set size
   (``getrusage(RUSAGE_SELF).ru_maxrss``), runs a few training steps (AdamW over
-  ``parameter_groups``, so the optimizer state exists from the second step on)
+  timm's ``param_groups_weight_decay``, so the optimizer state exists from the second step on)
   and reports how far the peak grew. The growth covers activations kept for
   backward, gradients, AdamW state and the framework's working buffers; the
   weights themselves are part of the baseline;

@@ -174,6 +174,10 @@ def error_cases(tmp_path_factory, digits_folder, three_class_folder, corrupt_ima
         "merge to an existing file": (["merge", corrupt_adapter, "--out", existing_file], r"already exists"),
         "merge of a corrupt adapter": (["merge", corrupt_adapter, "--out", scratch / "merged.safetensors"],
                                        r"not a readable safetensors"),
+        "unknown augmentation policy": (["train", "--data", digits_folder, "--auto-augment", "rand-q9",
+                                         "--out", scratch / "g"], r"--auto-augment 'rand-q9' is not a timm policy"),
+        "mixup for segmentation": (["train", "--data", "fashion-scenes", "--task", "segmentation", "--mixup", "0.8",
+                                    "--out", scratch / "h"], r"--mixup apply to classification only"),
         "offline hub weights": (["train", "--data", digits_folder, "--backbone", "vit_tiny_patch16_224", "--image-size", "32",
                                  "--out", scratch / "f"], r"--checkpoint"),
     }
@@ -298,7 +302,7 @@ ERROR_IDS = [
     "output folder under a file", "adapter config of the wrong type",
     "unknown backbone", "unknown method", "opt without =", "empty data folder", "corrupt image",
     "eval on data with another class count", "existing run without --overwrite", "merge to an existing file",
-    "merge of a corrupt adapter", "offline hub weights",
+    "merge of a corrupt adapter", "offline hub weights", "unknown augmentation policy", "mixup for segmentation",
 ]
 
 

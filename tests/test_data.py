@@ -17,6 +17,7 @@ from torchvision import transforms as T
 import deltavision.data.bundled as bundled
 from deltavision.data import (
     ArrayImageDataset,
+    Augmentation,
     DatasetSplits,
     build_datasets,
     load_rgb_image,
@@ -147,19 +148,73 @@ def test_array_dataset_keeps_uint8_and_converts_per_item():
 # --- transforms ---------------------------------------------------------------------------
 
 
+def _steps(transform) -> list[str]:
+    return [type(step).__name__ for step in transform.transforms]
+
+
 def test_make_transforms_train_and_eval():
     train_tf, eval_tf = make_transforms(24, **GREY_STATS, augment=True)
     image = Image.new("RGB", (40, 30), (10, 20, 30))
     assert train_tf(image).shape == eval_tf(image).shape == (3, 24, 24)
-    assert any(isinstance(step, T.RandomResizedCrop) for step in train_tf.transforms)
-    assert any(isinstance(step, T.RandomHorizontalFlip) for step in train_tf.transforms)
+    crop = next(step for step in train_tf.transforms if type(step).__name__ == "RandomResizedCropAndInterpolation")
+    assert crop.scale == (0.6, 1.0)  # the mild default, not timm's (0.08, 1)
+    assert "RandomHorizontalFlip" in _steps(train_tf)
+    assert not {"RandAugment", "RandomErasing", "ColorJitter"} & set(_steps(train_tf))  # nothing more by default
 
 
 def test_make_transforms_without_augmentation_or_flip():
     train_tf, eval_tf = make_transforms(8, **GREY_STATS, augment=False)
     assert train_tf is eval_tf
     no_flip, _ = make_transforms(8, **GREY_STATS, augment=True, flip=False)
-    assert not any(isinstance(step, T.RandomHorizontalFlip) for step in no_flip.transforms)
+    assert "RandomHorizontalFlip" not in _steps(no_flip)
+
+
+def test_the_recipe_adds_randaugment_random_erasing_and_colour_jitter():
+    recipe = Augmentation(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
+    train_tf, _ = make_transforms(16, **GREY_STATS, augment=True, augmentation=recipe)
+    steps = _steps(train_tf)
+    assert "RandAugment" in steps and "RandomErasing" in steps and "ColorJitter" not in steps
+    erasing = train_tf.transforms[steps.index("RandomErasing")]
+    assert erasing.probability == 0.25
+    jitter, _ = make_transforms(16, **GREY_STATS, augment=True, augmentation=Augmentation(color_jitter=0.4))
+    assert "ColorJitter" in _steps(jitter)
+    assert train_tf(Image.new("RGB", (20, 20), (90, 30, 200))).shape == (3, 16, 16)
+
+
+def test_folders_are_evaluated_with_the_centre_crop_and_bundled_sets_whole(three_class_folder):
+    """crop_pct reaches a folder's evaluation transform; the bundled sets (objects filling 8-28 px frames)
+    are resized whole and bilinearly whatever the backbone's crop and interpolation."""
+    whole = build("digits", augment=False, val_limit=5).val
+    asked_to_crop = build("digits", augment=False, val_limit=5, crop_pct=0.5, interpolation="bicubic").val
+    assert torch.equal(asked_to_crop[0][0], whole[0][0])  # no crop, and bilinear upscaling
+    plain = build(three_class_folder, augment=False, val_fraction=0.5).val
+    cropped = build(three_class_folder, augment=False, val_fraction=0.5, crop_pct=0.5).val
+    assert cropped[0][0].shape == plain[0][0].shape and not torch.equal(cropped[0][0], plain[0][0])
+
+
+def test_randaugment_at_full_magnitude_posterizes_without_failing():
+    """timm's increasing posterize asks for 0 bits at magnitude 10, which Pillow refuses mid-epoch."""
+    train_tf, _ = make_transforms(16, **GREY_STATS, augment=True, augmentation=Augmentation("rand-m10-inc1"))
+    policy = next(step for step in train_tf.transforms if type(step).__name__ == "RandAugment")
+    posterize = next(op for op in policy.ops if op.name == "PosterizeIncreasing")
+    posterize.prob = 1.0
+    image = Image.fromarray(np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3))
+    pixels = np.asarray(posterize(image))
+    assert set(np.unique(pixels)) <= {0, 128}  # one bit kept
+
+
+def test_evaluation_crops_the_centre_by_the_backbones_crop_pct():
+    """A 64 px image with a 4 px white frame: crop_pct 0.875 at 56 px resizes to 64 and cuts the frame off;
+    crop_pct 1 (a plain resize) keeps it."""
+    pixels = np.full((64, 64, 3), 255, dtype=np.uint8)
+    pixels[4:-4, 4:-4] = 0
+    image = Image.fromarray(pixels)
+    _, cropped = make_transforms(56, **UNIT_STATS, augment=False, crop_pct=0.875, interpolation="bicubic")
+    _, resized = make_transforms(56, **UNIT_STATS, augment=False)
+    assert cropped(image).abs().max() == 0.0
+    assert resized(image)[:, 0].min() > 0.9
+    assert "Resize" in _steps(cropped) and "CenterCrop" in _steps(cropped)
+    assert cropped.transforms[0].interpolation.value == "bicubic"
 
 
 # --- limits and splits --------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Devices and precisions on a machine without a GPU: bf16 on the CPU trains, what cannot run is refused."""
 
+import csv
 import json
 import math
 import os
@@ -114,8 +115,8 @@ def test_grad_accumulation_steps_once_per_group_of_micro_batches(tmp_path, digit
     config_changes = {"train": TrainConfig(epochs=2, batch_size=4, lr=1e-2, progress=False, device="cpu",
                                            grad_accum=2, warmup_epochs=1.0)}
     _tiny_run(tmp_path, digits_folder, backbone_checkpoint, "lora", **config_changes)
-    rows = (tmp_path / "lora" / "log.csv").read_text().splitlines()
-    assert rows[0].split(",")[-1] == "lr"
-    assert float(rows[1].split(",")[-1]) == pytest.approx(1e-2)
+    with open(tmp_path / "lora" / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[0]["lr"]) == pytest.approx(1e-2)
     how = json.loads((tmp_path / "lora" / "run.json").read_text())["run"]
     assert how["global_batch"] == 8 and how["grad_accum"] == 2

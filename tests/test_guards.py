@@ -6,6 +6,7 @@ a NaN loss passing silently, a resumed checkpoint kept memory-mapped, weight dec
 scales, top-5 computed as top-3, LoRA's alpha/rank scaling, and the learning-rate schedule.
 """
 
+import csv
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from deltavision.errors import (
 from deltavision.methods.lora import LoRALinear
 from deltavision.model.state import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 from deltavision.train import RunConfig, TrainConfig, run_training
-from deltavision.train import loop
+from deltavision.train import loop, recipe
 from deltavision.train.checkpoint import load_checkpoint
 
 from conftest import TINY, random_images, tiny_model
@@ -132,7 +133,7 @@ def test_a_loaded_checkpoint_is_not_left_mapped(tmp_path, digits_folder, backbon
     out = tmp_path / "run"
     run_training(_run_config(digits_folder, out, backbone_checkpoint("vit"), train=TrainConfig(epochs=1, progress=False)))
     model = tiny_model("vit", "ssf", num_classes=10)
-    optimizer = torch.optim.AdamW(loop.parameter_groups(model, 0.05))
+    optimizer = recipe.make_optimizer(model, TrainConfig(lr=1e-3))
     load_checkpoint(out / loop.CHECKPOINT, model, optimizer)
     assert str(out / loop.CHECKPOINT) not in maps.read_text()
 
@@ -216,7 +217,7 @@ def _checkpoint_metadata(path):
 
 def test_weight_decay_skips_biases_norms_and_ssf_factors():
     model = tiny_model("vit", "ssf")
-    groups = loop.parameter_groups(model, 0.05)
+    groups = recipe.make_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.05)).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
     decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
@@ -226,7 +227,7 @@ def test_weight_decay_skips_biases_norms_and_ssf_factors():
     assert {n for n in trainable if "ssf" in n or n.endswith("bias")} <= no_decay
 
     norm_model = tiny_model("vit", "norm")
-    groups = loop.parameter_groups(norm_model, 0.05)
+    groups = recipe.make_optimizer(norm_model, TrainConfig(lr=1e-3, weight_decay=0.05)).param_groups
     names = {id(p): n for n, p in norm_model.named_parameters()}
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
     norms = {f"{n}.{p}" for n, m in norm_model.named_modules() if isinstance(m, nn.LayerNorm) for p in ("weight", "bias")}
@@ -272,16 +273,17 @@ def test_lora_alpha_other_than_rank_scales_the_unmerged_and_merged_model_alike()
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
 
 
-def _expected_lr(step: int, base: float, warmup: int, total: int) -> float:
+def _expected_lr(step: int, base: float, warmup: int, total: int, start: float = 1e-6, end: float = 0.0) -> float:
+    """timm's CosineLRScheduler with a warm-up prefix, written out: linear from ``start``, then cosine to ``end``."""
     if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        return start + step * (base - start) / warmup
+    return end + (base - end) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
 def test_the_learning_rate_warms_up_then_follows_a_cosine(tmp_path, monkeypatch, digits_folder, backbone_checkpoint):
-    """The learning rate of every optimizer step, read inside training: linear warm-up over
-    ``warmup_epochs``, then a half cosine to zero at the last step; log.csv holds the rate after
-    each epoch's last step."""
+    """The learning rate of every optimizer step, read inside training: linear warm-up from ``warmup_lr``
+    over ``warmup_epochs``, then a half cosine to ``min_lr`` at the last step; log.csv holds the rate
+    after each epoch's last step."""
     used = []
 
     class RecordingAdamW(torch.optim.AdamW):
@@ -289,17 +291,24 @@ def test_the_learning_rate_warms_up_then_follows_a_cosine(tmp_path, monkeypatch,
             used.append(self.param_groups[0]["lr"])
             return super().step(closure)
 
-    monkeypatch.setattr(loop.torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(recipe.torch.optim, "AdamW", RecordingAdamW)
     out = tmp_path / "run"
-    train = TrainConfig(epochs=3, batch_size=8, lr=0.02, warmup_epochs=1.0, progress=False)
+    train = TrainConfig(epochs=3, batch_size=8, lr=0.02, warmup_epochs=1.0, warmup_lr=1e-4, min_lr=1e-3,
+                        progress=False)
     run_training(_run_config(digits_folder, out, backbone_checkpoint("vit"), train=train))
     steps_per_epoch = math.ceil(60 / 8)  # the digits folder holds 60 training images
     total, warmup = 3 * steps_per_epoch, steps_per_epoch
+
+    def expected(step):
+        return _expected_lr(step, 0.02, warmup, total, start=1e-4, end=1e-3)
+
     assert len(used) == total
-    assert used == pytest.approx([_expected_lr(s, 0.02, warmup, total) for s in range(total)])
-    assert max(used) == pytest.approx(0.02)
-    logged = [float(r.split(",")[-1]) for r in (out / loop.LOG).read_text().splitlines()[1:]]
-    assert logged == pytest.approx([_expected_lr(s, 0.02, warmup, total) for s in (8, 16, 24)], abs=1e-12)
+    assert used == pytest.approx([expected(s) for s in range(total)])
+    assert used[0] == pytest.approx(1e-4) and max(used) == pytest.approx(0.02)
+    with open(out / loop.LOG, newline="") as handle:
+        logged = [float(row["lr"]) for row in csv.DictReader(handle)]
+    assert logged == pytest.approx([expected(s) for s in (8, 16, 24)], abs=1e-12)
+    assert logged[-1] == pytest.approx(1e-3)
 
 
 # --- missing pretrained weights ------------------------------------------------------------------

@@ -24,8 +24,7 @@ from deltavision.mist.edge.network import (
     load_edge,
     save_edge,
 )
-from deltavision.schedule import warmup_then_cosine
-from deltavision.mist.edge.fit import FeatureSet, FitConfig, evaluate_edge, train_edge
+from deltavision.mist.edge.fit import FeatureSet, FitConfig, evaluate_edge, train_edge, warmup_cosine
 from deltavision.mist.edge.store import FeatureStore
 from deltavision.mist.wire import PayloadError, pack, quantize_int8, to_float32, unpack
 
@@ -90,10 +89,22 @@ def test_save_and_load_round_trip(tmp_path):
         load_edge(tmp_path / "edge")
 
 
-def test_warmup_then_cosine_schedule():
-    factor = warmup_then_cosine(4, 20)
-    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert factor(4) == pytest.approx(1.0) and factor(12) == pytest.approx(0.5) and factor(20) == pytest.approx(0.0)
+@pytest.mark.parametrize("warmup_epochs", [0.0, 1.0, 2.5])
+def test_the_edge_schedule_is_timms_cosine_with_warmup(warmup_epochs):
+    """The edge's timm-free schedule gives, update by update, the rates of the trainer's timm scheduler."""
+    from deltavision.train.recipe import make_scheduler
+
+    config = FitConfig(epochs=4, lr=3e-3, warmup_epochs=warmup_epochs, warmup_lr=1e-5, min_lr=1e-4)
+    steps_per_epoch = 5
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=config.lr)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    timm_rates = []
+    for update in range(config.epochs * steps_per_epoch + 1):
+        scheduler.step_update(update)
+        timm_rates.append(optimizer.param_groups[0]["lr"])
+    rate = warmup_cosine(config, config.epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch))
+    assert [rate(t) for t in range(len(timm_rates))] == pytest.approx(timm_rates, rel=1e-12)
+    assert rate(0) == pytest.approx(1e-5 if warmup_epochs else 3e-3) and rate(20) == pytest.approx(1e-4)
 
 
 # --- wire format ----------------------------------------------------------------------------------
@@ -250,6 +261,7 @@ NO_TIMM_SCRIPT = textwrap.dedent(
     sys.modules["deltavision"] = package
 
     import torch
+    from deltavision.mist.edge.client import labelled_images
     from deltavision.mist.edge.fit import FitConfig
     from deltavision.mist.edge.store import FeatureStore
     from deltavision.mist.edge.commands import FitOptions, fit_edge
@@ -258,6 +270,7 @@ NO_TIMM_SCRIPT = textwrap.dedent(
 
     applied = release_large_blocks()  # what the edge CLI does first
     root, out = sys.argv[2], sys.argv[3]
+    images = labelled_images(sys.argv[4], val_fraction=0.2)  # what `edge fetch` sends: untransformed images
     generator = torch.Generator().manual_seed(0)
     labels = [i % 2 for i in range(24)]
     store = FeatureStore(root, "fp")
@@ -281,7 +294,7 @@ NO_TIMM_SCRIPT = textwrap.dedent(
     from PIL import Image
     from deltavision.mist.edge.masks import segmented_images, store_masks
 
-    folder = Path(sys.argv[4])
+    folder = Path(sys.argv[7])
     (folder / "images").mkdir(parents=True)
     (folder / "masks").mkdir()
     (folder / "classes.txt").write_text(chr(10).join(["background", "square"]))
@@ -291,21 +304,21 @@ NO_TIMM_SCRIPT = textwrap.dedent(
         mask[5:15, 5:15] = 1
         Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
         Image.fromarray(mask).save(folder / "masks" / f"{i}.png")
-    images = segmented_images(folder, val_fraction=0.3)
+    seg_images = segmented_images(folder, val_fraction=0.3)
     seg_root, seg_out = sys.argv[5], sys.argv[6]
     seg_store = FeatureStore(seg_root, "fp-seg")
-    digests = [item.digest for item in images.train + images.val]
+    digests = [item.digest for item in seg_images.train + seg_images.val]
     seg_store.write_shard(4, "float16", digests, torch.randn(len(digests), 17, 16, generator=generator).half(), None)
-    store_masks(seg_store, images, digests, 32, progress=False)
+    store_masks(seg_store, seg_images, digests, 32, progress=False)
     seg_service = {**service, "fingerprint": "fp-seg", "image_size": 32, "feature_shape": [17, 16], "ks": [4],
                    "num_blocks": 4, "grid": [4, 4], "num_prefix_tokens": 1}
-    seg_store.write_manifest({"task": "segmentation", "classes": images.classes, "service": seg_service,
-                              "train": [i.digest for i in images.train], "val": [i.digest for i in images.val]})
+    seg_store.write_manifest({"task": "segmentation", "classes": seg_images.classes, "service": seg_service,
+                              "train": [i.digest for i in seg_images.train], "val": [i.digest for i in seg_images.val]})
     seg = fit_edge(FitOptions(out=seg_out, cache=seg_root, offline=True, task="segmentation", k="4", dtype="float16",
                               fit=FitConfig(epochs=1, batch_size=4, progress=False)))
     seg_logits = load_edge(seg_out)(seg_store.read(4, "float16", digests[:2]))
     seg_log = (Path(seg_out) / "log.csv").read_text().splitlines()[0].split(",")
-    print(json.dumps({"applied": applied, "k": summary["k"], "scores": summary["k_scores"], "shape": list(logits.shape),
+    print(json.dumps({"applied": applied, "listed": [len(images.train), len(images.val)], "k": summary["k"], "scores": summary["k_scores"], "shape": list(logits.shape),
                       "seg_shape": list(seg_logits.shape), "seg_log": seg_log, "seg_miou": seg["miou"],
                       "seg_data": "deltavision.data.segmentation" in sys.modules,
                       "timm": sorted(m for m in sys.modules if m == "timm" or m.startswith("timm.")),
@@ -318,20 +331,27 @@ NO_TIMM_SCRIPT = textwrap.dedent(
 
 
 def test_edge_trains_and_predicts_offline_without_timm(tmp_path):
-    """A fresh interpreter where importing timm fails fits (with k selection), saves, loads and predicts;
-    then reads a segmentation folder, stores its masks and fits, saves and runs a segmentation edge network."""
+    """A fresh interpreter where importing timm fails lists an image folder, fits (with k selection), saves,
+    loads and predicts; then reads a segmentation folder, stores its masks and fits, saves and runs a
+    segmentation edge network."""
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for index in range(5):
+            Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(tmp_path / "images" / label / f"{index}.png")
     package_dir = str(Path(deltavision.__file__).parent)
     result = subprocess.run(
         [sys.executable, "-c", NO_TIMM_SCRIPT, package_dir, str(tmp_path / "cache"), str(tmp_path / "edge"),
-         str(tmp_path / "scenes"), str(tmp_path / "seg-cache"), str(tmp_path / "seg-edge")],
-        capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+         str(tmp_path / "images"), str(tmp_path / "seg-cache"), str(tmp_path / "seg-edge"), str(tmp_path / "scenes")],
+        capture_output=True, text=True, timeout=240, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["timm"] == [] and report["building"] == [] and report["server"] == []
     assert report["trainer"] is True  # the edge trains with the classification trainer's pieces
     assert report["k"] in (1, 2) and set(report["scores"]) == {"1", "2"}
-    assert report["shape"] == [3, 2]
+    assert report["shape"] == [3, 2] and report["listed"] == [8, 2]
     assert report["applied"] is sys.platform.startswith("linux")
     assert report["seg_shape"] == [2, 2, 32, 32] and report["seg_data"] is True
     assert {"miou", "pixel_acc", "iou/background", "iou/square"} <= set(report["seg_log"]) and report["seg_miou"] >= 0

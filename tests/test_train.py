@@ -70,6 +70,26 @@ def test_run_writes_log_plot_checkpoint_and_adapter(finished_run):
     assert 0 < summary["trainable"] < summary["total"]
 
 
+def test_tensorboard_event_files_hold_every_logged_scalar(finished_run):
+    """By default (tensorboard installed) the run folder holds event files whose scalars, one per epoch,
+    are log.csv's: learning rate, losses, top-1/top-5, peak memory and throughput."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = finished_run
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(out))
+    events.Reload()
+    columns = {"train/lr": "lr", "train/loss": "train_loss", "val/loss": "val_loss", "val/top1": "top1",
+               "val/top5": "top5", "system/peak_memory_mb": "peak_memory_mb", "system/images_per_s": "images_per_s"}
+    assert set(events.Tags()["scalars"]) == set(columns)
+    rows = _read_log(out)
+    for tag, column in columns.items():
+        logged = events.Scalars(tag)
+        assert [e.step for e in logged] == [1, 2]
+        assert [e.value for e in logged] == pytest.approx([float(r[column]) for r in rows], rel=1e-6)
+    assert all(float(r["peak_memory_mb"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+
+
 def test_saved_adapter_evaluates_to_the_logged_accuracy(finished_run, backbone_checkpoint):
     out, _ = finished_run
     metrics = evaluate_saved_adapter(out / "adapter", None, 64, None, backbone_checkpoint("vit"), False)
@@ -121,19 +141,32 @@ def _adapter(out):
     return load_file(str(out / "adapter" / "deltavision.safetensors"))
 
 
-@pytest.mark.parametrize("augment", [False, True], ids=["no-augment", "augment"])
-def test_resume_after_a_crash_matches_an_uninterrupted_run(augment, tmp_path, monkeypatch, digits_folder, backbone_checkpoint):
+# SSF's recipe: RandAugment, random erasing, mixup and cutmix (timm's, drawing on Python's and NumPy's RNGs).
+RECIPE = {"augment": True, "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25}
+RECIPE_TRAIN = {"mixup": 0.8, "cutmix": 1.0}
+
+
+@pytest.mark.parametrize("recipe", ["no-augment", "augment", "ssf-recipe"])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(recipe, tmp_path, monkeypatch, digits_folder, backbone_checkpoint):
     ckpt = backbone_checkpoint("vit")
-    _run_seeded(_config(digits_folder, tmp_path / "straight", ckpt, augment=augment))
+    settings = {"no-augment": {"augment": False}, "augment": {"augment": True}, "ssf-recipe": RECIPE}[recipe]
+
+    def config(out, **changes):
+        base = _config(digits_folder, out, ckpt, **settings, **changes)
+        if recipe == "ssf-recipe":
+            base = replace(base, train=replace(base.train, **RECIPE_TRAIN))
+        return base
+
+    _run_seeded(config(tmp_path / "straight"))
 
     crashed = tmp_path / "crashed"
     with monkeypatch.context() as patch:
         _crash_in_epoch(patch, crash_epoch=1)
         with pytest.raises(SimulatedCrash):
-            _run_seeded(_config(digits_folder, crashed, ckpt, augment=augment))
+            _run_seeded(config(crashed))
     assert (crashed / loop.CHECKPOINT).is_file() and not (crashed / "adapter").exists()
     assert [int(r["epoch"]) for r in _read_log(crashed)] == [1]
-    _run_seeded(_config(digits_folder, crashed, ckpt, augment=augment, resume=True))
+    _run_seeded(config(crashed, resume=True))
 
     straight_log, resumed_log = _read_log(tmp_path / "straight"), _read_log(crashed)
     assert [r["epoch"] for r in resumed_log] == ["1", "2"]

@@ -14,6 +14,7 @@ from .io import refuse_overwrite, save_tensors
 from .model import load_adapter, merge, read_adapter_config, resolve_adapter
 from .train.device import check_precision, resolve_device
 from .train.objectives import objective_for
+from .train.run import eval_transform_settings
 
 
 def evaluate_saved_adapter(
@@ -52,7 +53,7 @@ def evaluate_saved_adapter(
 
         splits = build_detection_datasets(source, masks=task == "instance", **common)
     else:
-        splits = build_datasets(source, data_options=run.get("data_options"), **common)
+        splits = build_datasets(source, data_options=run.get("data_options"), **common, **eval_transform_settings(data_cfg))
     if len(splits.classes) != config["num_classes"]:
         raise DataError(
             f"{source} has {len(splits.classes)} classes but the adapter was trained for {config['num_classes']}"

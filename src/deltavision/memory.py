@@ -24,7 +24,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import sys
+from pathlib import Path
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 DEFAULT_THRESHOLD = 128 * 1024
@@ -44,3 +46,20 @@ def release_large_blocks(threshold: int = DEFAULT_THRESHOLD) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
     except (OSError, AttributeError, TypeError):
         return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    Linux: VmHWM from /proc, which starts afresh in every new program. Not
+    ru_maxrss: a child process inherits its parent's peak there, so a fresh
+    worker started from a large parent would report the parent's memory.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

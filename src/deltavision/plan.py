@@ -62,8 +62,9 @@ def measure(backbone: str, method: str, image_size: int, batch: int, device: str
     from .memory import release_large_blocks
     from .model import create_model
     from .train.device import autocast, resolve_device
-    from .train.loop import TrainConfig, make_optimizer
-    from .train.run import peak_rss_bytes
+    from .train.loop import TrainConfig
+    from .train.recipe import make_optimizer
+    from .memory import peak_rss_bytes
 
     torch.manual_seed(0)
     target = resolve_device(device)

@@ -54,6 +54,11 @@ IMAGE_COLUMN_HELP = "hf: data: the image column [default: the one of feature typ
 LABEL_COLUMN_HELP = "hf: data: the label column [default: the one of feature type ClassLabel]."
 DATA_ROOT_HELP = "torchvision: data: the folder the dataset is kept in."
 DOWNLOAD_HELP = "torchvision: data: download the dataset into --data-root if it is not there."
+LOGGER_DEFAULT = "auto"
+LOGGER_HELP = (
+    "Besides log.csv: tensorboard (event files in the run folder; auto picks it when tensorboard is installed), "
+    "wandb (Weights & Biases, pip install wandb) or csv (nothing more)."
+)
 
 
 def _options(pairs: Optional[List[str]]) -> dict:

@@ -13,8 +13,8 @@ from rich.table import Table
 from ..defaults import EMBEDDED_BACKBONE, EMBEDDED_DATA
 from .common import (
     BACKBONE_HELP, BACKBONE_OPT_HELP, CHECKPOINT_HELP, DATA_HELP, DATA_ROOT_HELP, DEVICE_HELP, DOWNLOAD_HELP,
-    HEAD_HELP, IMAGE_COLUMN_HELP, LABEL_COLUMN_HELP, LOW_MEMORY_HELP, OPT_HELP, PRECISION_HELP, TASK_HELP,
-    _backbone_options, _data_options, _given, _options, app, console, err_console,
+    HEAD_HELP, IMAGE_COLUMN_HELP, LABEL_COLUMN_HELP, LOGGER_DEFAULT, LOGGER_HELP, LOW_MEMORY_HELP, OPT_HELP,
+    PRECISION_HELP, TASK_HELP, _backbone_options, _data_options, _given, _options, app, console, err_console,
 )
 
 @app.command()
@@ -37,12 +37,22 @@ def train(
     lr: Optional[float] = typer.Option(None, help="AdamW learning rate [default: the method's]."),
     weight_decay: float = typer.Option(0.05, min=0.0),
     warmup_epochs: float = typer.Option(0.5, min=0.0),
+    warmup_lr: float = typer.Option(1e-6, min=0.0, help="Learning rate of the first update; linear warm-up to --lr."),
+    min_lr: float = typer.Option(0.0, min=0.0, help="Learning rate the cosine reaches at the last update."),
     label_smoothing: float = typer.Option(0.1, min=0.0, max=0.99),
+    mixup: float = typer.Option(0.0, min=0.0, help="Mixup alpha (timm's Mixup, soft-target loss; 0: off). SSF: 0.8."),
+    cutmix: float = typer.Option(0.0, min=0.0, help="CutMix alpha (0: off; with --mixup, each batch picks one). SSF: 1.0."),
+    auto_augment: Optional[str] = typer.Option(
+        None, help="timm augmentation policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment, SSF's) [default: none]."
+    ),
+    reprob: float = typer.Option(0.0, min=0.0, max=1.0, help="Random erasing probability (SSF: 0.25)."),
+    color_jitter: float = typer.Option(0.0, min=0.0, help="Colour jitter strength (off under --auto-augment)."),
+    logger: str = typer.Option(LOGGER_DEFAULT, help=LOGGER_HELP),
     image_size: Optional[int] = typer.Option(None, min=8, help="Input size [default: the backbone's]."),
     val_fraction: float = typer.Option(0.2, help="Share of each class held out when the data has no val split."),
     train_limit: Optional[int] = typer.Option(None, min=1, help="Use at most this many training images."),
     val_limit: Optional[int] = typer.Option(None, min=1, help="Use at most this many validation images."),
-    augment: bool = typer.Option(True, help="Random resized crops (and flips where they make sense)."),
+    augment: bool = typer.Option(True, help="Random resized crops (and flips where they make sense), plus the augmentations asked for."),
     pretrained: bool = typer.Option(True, help="Start from pretrained weights (hub or --checkpoint)."),
     checkpoint: Optional[Path] = typer.Option(None, help=CHECKPOINT_HELP),
     resume: bool = typer.Option(False, help="Continue the run in --out after its last finished epoch."),
@@ -70,12 +80,14 @@ def train(
         options=_options(opt), data_options=_data_options(image_column, label_column, data_root, download),
         image_size=image_size, val_fraction=val_fraction, train_limit=train_limit, val_limit=val_limit,
         pretrained=pretrained, checkpoint=str(checkpoint) if checkpoint else None, augment=augment,
+        auto_augment=auto_augment, reprob=reprob, color_jitter=color_jitter,
         backbone_options=_backbone_options(backbone_opt), resume=resume, overwrite=overwrite,
         channels_last=channels_last, grad_checkpointing=grad_checkpointing, compile=compile,
         train=TrainConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-            label_smoothing=label_smoothing, seed=seed, device=device, precision=precision, grad_accum=grad_accum,
-            workers=workers, low_memory=low_memory,
+            warmup_lr=warmup_lr, min_lr=min_lr, label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix,
+            seed=seed, device=device, precision=precision, grad_accum=grad_accum, workers=workers,
+            low_memory=low_memory, logger=logger,
         ),
     )
     if resume:
@@ -111,6 +123,9 @@ TRAIN_FLAGS = {  # CLI parameter -> (RunConfig field, inside TrainConfig)
     "precision": ("precision", True), "grad_accum": ("grad_accum", True), "workers": ("workers", True),
     "channels_last": ("channels_last", False), "grad_checkpointing": ("grad_checkpointing", False),
     "compile": ("compile", False), "low_memory": ("low_memory", True),
+    "warmup_lr": ("warmup_lr", True), "min_lr": ("min_lr", True), "mixup": ("mixup", True), "cutmix": ("cutmix", True),
+    "auto_augment": ("auto_augment", False), "reprob": ("reprob", False), "color_jitter": ("color_jitter", False),
+    "logger": ("logger", True),
 }
 
 
@@ -204,6 +219,7 @@ def compare_methods(
     precision: str = typer.Option("fp32", help=PRECISION_HELP),
     nproc: int = typer.Option(1, min=1, help="Processes per method: each trains data-parallel under torchrun."),
     low_memory: bool = typer.Option(False, help=LOW_MEMORY_HELP),
+    logger: str = typer.Option(LOGGER_DEFAULT, help=LOGGER_HELP),
 ) -> None:
     """The main job: fine-tune one backbone with every method; print a table and save a plot.
 
@@ -218,7 +234,7 @@ def compare_methods(
         train_limit=train_limit, val_limit=val_limit, augment=augment, pretrained=pretrained,
         checkpoint=str(checkpoint) if checkpoint else None, overwrite=overwrite, seeds=seeds, nproc=nproc,
         train=TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=device, precision=precision,
-                          low_memory=low_memory),
+                          low_memory=low_memory, logger=logger),
     )
     rows = compare(config, on_result=_report_method, on_skip=_report_skip, on_start=_report_start)
     console.print(comparison_table(rows, f"{backbone} on {data}"))

@@ -8,9 +8,10 @@ from deltavision.data.images import IMAGE_EXTENSIONS, load_rgb_image, to_rgb
 from deltavision.data.sampling import stratified_split, stratified_subset
 from deltavision.data.scenes import SCENE_CLASSES, SceneArrays, load_scenes
 from deltavision.data.segmentation import SegmentationSplits, build_segmentation_datasets
-from deltavision.data.transforms import make_transforms
+from deltavision.data.transforms import Augmentation, make_transforms
 
 __all__ = [
+    "Augmentation",
     "BUNDLED_DATASETS",
     "FASHION_MNIST_CLASSES",
     "IMAGE_EXTENSIONS",

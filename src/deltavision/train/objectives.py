@@ -1,6 +1,8 @@
-"""What the training loop optimises and scores, per task: the loss, the validation metrics, the epoch line.
+"""What the training loop optimises and scores, per task: the loss, batch mixing, the validation metrics.
 
-Imports no timm (the MIST edge trainer shares the loop).
+Imports no timm at import time (the MIST edge trainer shares the loop's
+module); mixup/cutmix and top-k accuracy come from timm when they are used.
+Mixup, cutmix and label smoothing are classification's only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ def _default_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def mixes(config) -> bool:
+    """Whether ``config`` (a TrainConfig) asks for mixup or cutmix."""
+    return config.mixup > 0 or config.cutmix > 0
+
+
 class Objective:
     """What every objective shares: a batch is (images, labels) tensors; the loss is ``criterion(net(images), labels)``."""
 
@@ -32,25 +39,59 @@ class Objective:
     def loss(self, net: nn.Module, images, labels, criterion: nn.Module) -> torch.Tensor:
         return criterion(net(images).float(), labels)
 
+    def drop_last(self, config) -> bool:
+        """Whether the training loader drops a ragged last batch."""
+        return False
+
+    def mixer(self, config):
+        """What mixes training batches (timm's Mixup), or None."""
+        return None
+
     def count(self, labels) -> int:
         """How many items the batch's mean loss averages over (the running training loss weighs by it)."""
         return labels.numel()
 
 
 class ClassificationObjective(Objective):
-    """Label-smoothed cross-entropy; top-1 and top-5 accuracy (percent)."""
+    """Label-smoothed cross-entropy, or with mixup/cutmix soft-target cross-entropy on mixed batches;
+    top-1 and top-5 accuracy (percent, ``timm.utils.accuracy``).
+
+    ``num_classes`` is needed only to mix (the soft targets are one-hot vectors).
+    """
 
     task = "classification"
     plotted = {"top1": "top-1", "top5": "top-5"}
-    drop_last = False
 
-    def criterion(self, label_smoothing: float) -> nn.Module:
-        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    def __init__(self, num_classes: int | None = None):
+        self.num_classes = num_classes
+
+    def drop_last(self, config) -> bool:
+        """Mixing pairs images, so a ragged last batch (possibly odd) is dropped."""
+        return mixes(config)
+
+    def criterion(self, config) -> nn.Module:
+        if mixes(config):
+            from .recipe import soft_target_loss
+
+            return soft_target_loss()
+        return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    def mixer(self, config):
+        """timm's Mixup turning ``(images, labels)`` into mixed images and soft targets, or None."""
+        if not mixes(config):
+            return None
+        if self.num_classes is None:
+            raise ValueError("mixup/cutmix need the number of classes: ClassificationObjective(num_classes=...)")
+        from .recipe import make_mixup
+
+        return make_mixup(config, self.num_classes)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, progress: bool = False, device: torch.device | None = None,
                  precision: str = "fp32", world: World = World()) -> dict:
         """Mean cross-entropy, top-1 and top-5 accuracy over ``loader`` (summed over processes)."""
+        from timm.utils import accuracy
+
         device = device or _default_device(model)
         model.eval()
         loss_sum, top1, top5, seen = 0.0, 0, 0, 0
@@ -60,9 +101,9 @@ class ClassificationObjective(Objective):
                 logits = model(images)
             logits = logits.float()
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            top1 += (best[:, 0] == labels).sum().item()
-            top5 += (best == labels[:, None]).any(dim=1).sum().item()
+            batch_top1, batch_top5 = accuracy(logits, labels, topk=(1, 5))  # percent; top-5 is top-C under 5 classes
+            top1 += round(batch_top1.item() * labels.numel() / 100)
+            top5 += round(batch_top5.item() * labels.numel() / 100)
             seen += labels.numel()
         loss_sum, top1, top5, seen = all_sum([loss_sum, top1, top5, seen], world, device)
         return {"val_loss": loss_sum / seen, "top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen}
@@ -80,12 +121,14 @@ class SegmentationObjective(Objective):
 
     task = "segmentation"
     plotted = {"miou": "mIoU", "pixel_acc": "pixel accuracy"}
-    drop_last = True
 
     def __init__(self, classes: list[str], ignore_index: int = 255):
         self.classes, self.ignore_index = list(classes), ignore_index
 
-    def criterion(self, label_smoothing: float) -> nn.Module:
+    def drop_last(self, config) -> bool:
+        return True
+
+    def criterion(self, config) -> nn.Module:
         return nn.CrossEntropyLoss(ignore_index=self.ignore_index)
 
     @torch.no_grad()
@@ -136,7 +179,6 @@ class DetectionObjective(Objective):
     detections per image). Mask AP thresholds Mask R-CNN's mask probabilities at 0.5.
     """
 
-    drop_last = True  # a last batch of one image cannot train the BatchNorms full fine-tuning re-estimates
     collate = staticmethod(collate_detection)
     val_batch_floor = 1
 
@@ -147,7 +189,10 @@ class DetectionObjective(Objective):
         self.plotted = {f"{key}_{ap}": f"{label} {name}" for key, label in kinds
                         for ap, name in (("ap", "AP"), ("ap50", "AP50"), ("ap75", "AP75"))}
 
-    def criterion(self, label_smoothing: float) -> None:
+    def drop_last(self, config) -> bool:
+        return True  # a last batch of one image cannot train the BatchNorms full fine-tuning re-estimates
+
+    def criterion(self, config) -> None:
         return None  # the detector computes its losses
 
     def to_device(self, images, targets, device: torch.device):
@@ -211,4 +256,4 @@ def objective_for(task: str, classes: list[str] | None = None):
         return SegmentationObjective(classes or [])
     if task in ("detection", "instance"):
         return DetectionObjective(classes or [], masks=task == "instance")
-    return ClassificationObjective()
+    return ClassificationObjective(len(classes) if classes else None)

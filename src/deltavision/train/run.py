@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
-import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from ..defaults import VERSION as __version__
 from ..errors import ArtifactExistsError, DeltaVisionError
 from ..io import ensure_writable_dir, load_json, save_json
+from ..memory import peak_rss_bytes
 from ..methods import get_method, make_config
 from ..options import config_options
 from .device import check_precision, resolve_device
@@ -39,12 +38,16 @@ DETECTOR_MAX_LR = 1e-3
 # Settings that do not change what a run computes, so a resume may differ in them.
 FREE_ON_RESUME = (
     "resume", "overwrite", "out_dir", "progress", "device", "workers", "channels_last", "grad_checkpointing", "compile",
-    "low_memory",
+    "low_memory", "logger",
 )
 
 
 class RunConflictError(DeltaVisionError):
     """A resumed run was asked for settings other than the ones it started with."""
+
+
+class RecipeError(DeltaVisionError, ValueError):
+    """A training-recipe setting that cannot apply: an unknown augmentation policy, mixup for segmentation..."""
 
 
 @dataclass
@@ -65,29 +68,15 @@ class RunConfig:
     checkpoint: str | None = None
     backbone_options: dict[str, Any] = field(default_factory=dict)
     augment: bool = True
+    auto_augment: str | None = None  # timm's policy, e.g. "rand-m9-mstd0.5-inc1" (classification, with augment)
+    reprob: float = 0.0  # random erasing probability (classification, with augment)
+    color_jitter: float = 0.0
     resume: bool = False
     overwrite: bool = False
     channels_last: bool = False
     grad_checkpointing: bool = False
     compile: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size.
-
-    Linux: VmHWM from /proc, which starts afresh in every new program. Not
-    ru_maxrss: a child process inherits its parent's peak there, so a fresh
-    worker started from a large parent would report the parent's memory.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def resolve_run(config: RunConfig) -> RunConfig:
@@ -104,14 +93,48 @@ def resolve_run(config: RunConfig) -> RunConfig:
     from ..model.build import resolve_head
 
     head = resolve_head(config.task, config.head)
+    _check_recipe(config)
     return replace(
         config, options=options, image_size=image_size, head=head, backbone_options=dict(config.backbone_options or {}),
         train=replace(config.train, lr=lr),
     )
 
 
+def _check_recipe(config: RunConfig) -> None:
+    """Refuse recipe settings that cannot apply, before any data or weights load."""
+    from .loggers import resolve_logger
+
+    resolve_logger(config.train.logger)
+    train = config.train
+    mixing = train.mixup > 0 or train.cutmix > 0
+    if config.task != "classification":
+        asked = [flag for flag, value in (("--mixup", train.mixup), ("--cutmix", train.cutmix),
+                                          ("--auto-augment", config.auto_augment), ("--reprob", config.reprob),
+                                          ("--color-jitter", config.color_jitter)) if value]
+        if asked:
+            raise RecipeError(f"{', '.join(asked)} apply to classification only, not to {config.task}")
+    if mixing and train.batch_size % 2:
+        raise RecipeError(f"mixup/cutmix pair the images of a batch: --batch-size must be even, not {train.batch_size}")
+    if config.auto_augment:
+        _check_auto_augment(config.auto_augment)
+
+
+def _check_auto_augment(policy: str) -> None:
+    """Build timm's transform for ``policy`` once, so a typo fails here with one clear message."""
+    from ..data.transforms import Augmentation, make_transforms
+
+    try:
+        make_transforms(8, 0.5, 0.5, augment=True, augmentation=Augmentation(auto_augment=policy))
+    except Exception as err:  # timm raises assertion, value or key errors for unknown policies
+        raise RecipeError(
+            f"--auto-augment {policy!r} is not a timm policy ({err or type(err).__name__}); "
+            "e.g. rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original, v0"
+        ) from None
+
+
 def data_settings(backbone: str, backbone_options: dict[str, Any] | None, image_size: int | None = None) -> dict:
-    """Input size and normalisation from the backbone's pretrained config (no weights needed)."""
+    """Input size, normalisation, interpolation and evaluation crop from the backbone's pretrained config
+    (no weights needed)."""
     import timm
     from timm.data import resolve_data_config
 
@@ -121,7 +144,8 @@ def data_settings(backbone: str, backbone_options: dict[str, Any] | None, image_
     probe = timm.create_model(backbone, pretrained=False, num_classes=0, **(backbone_options or {}))
     resolved = resolve_data_config(model=probe)
     size = image_size or resolved["input_size"][-1]
-    return {"image_size": size, "mean": list(resolved["mean"]), "std": list(resolved["std"])}
+    return {"image_size": size, "mean": list(resolved["mean"]), "std": list(resolved["std"]),
+            "interpolation": resolved["interpolation"], "crop_pct": resolved["crop_pct"]}
 
 
 def settings_json(config: RunConfig) -> dict[str, Any]:
@@ -212,7 +236,7 @@ def run_training(config: RunConfig) -> dict[str, Any]:
 
 def build_task_datasets(config: RunConfig, data_cfg: dict):
     """The run's train and validation splits for its task."""
-    from ..data import build_datasets
+    from ..data import Augmentation, build_datasets
     from ..data.detection import build_detection_datasets
     from ..data.segmentation import build_segmentation_datasets
 
@@ -220,16 +244,23 @@ def build_task_datasets(config: RunConfig, data_cfg: dict):
         image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"], val_fraction=config.val_fraction,
         train_limit=config.train_limit, val_limit=config.val_limit, augment=config.augment, seed=config.train.seed,
     )
-    if config.task == "segmentation":
+    if config.task == "segmentation":  # torchvision's joint image-and-mask transforms
         return build_segmentation_datasets(config.data, **common)
     if config.task in ("detection", "instance"):
         return build_detection_datasets(config.data, masks=config.task == "instance", **common)
-    return build_datasets(config.data, data_options=config.data_options, **common)
+    augmentation = Augmentation(config.auto_augment, config.reprob, config.color_jitter)
+    return build_datasets(config.data, data_options=config.data_options, **common, **eval_transform_settings(data_cfg),
+                          augmentation=augmentation)
 
 
 def detector_options(config: RunConfig) -> dict | None:
     """Detectors resize every image to the run's input size (not torchvision's 800 px)."""
     return {"image_size": config.image_size} if config.task in ("detection", "instance") else None
+
+
+def eval_transform_settings(data_cfg: dict) -> dict:
+    """The interpolation and evaluation crop a run used (runs recorded before they were: bilinear, no crop)."""
+    return {"interpolation": data_cfg.get("interpolation", "bilinear"), "crop_pct": data_cfg.get("crop_pct", 1.0)}
 
 
 def data_line(splits, source: str) -> str:

@@ -204,7 +204,7 @@ def labelled_images(
 
     splits = build_datasets(
         data, image_size=1, mean=0.0, std=1.0, val_fraction=val_fraction,
-        train_limit=train_limit, val_limit=val_limit, augment=False, seed=seed,
+        train_limit=train_limit, val_limit=val_limit, augment=False, seed=seed, transforms=False,
     )  # fmt: skip
     return LabelledImages(list(splits.classes), _items_of(splits.train), _items_of(splits.val))
 

@@ -1,6 +1,7 @@
 """Training and evaluating the edge network on cached features, and choosing k (MIST, Sec. 3.2-3.3).
 
-AdamW with linear warm-up then cosine decay, label-smoothed cross-entropy,
+AdamW with linear warm-up then cosine decay (timm's CosineLRScheduler curve,
+computed here: an edge device has no timm), label-smoothed cross-entropy,
 weight decay on matrices only. Batches are read from the local feature store
 row by row, so memory holds one batch of features, never the dataset. A loss
 that stops being finite ends training with :class:`NonFiniteLossError` rather
@@ -15,9 +16,12 @@ the main training loop itself (:func:`deltavision.train.loop.train` with its
 cross-entropy ignoring 255, mIoU, pixel accuracy and per-class IoU after every
 epoch, written to ``log.csv`` and ``curves.png``; k is chosen by val mIoU.
 
-Its configuration, optimizer grouping, schedule and non-finite-loss error are
-the classification trainer's (:mod:`deltavision.train.loop`, which imports no
-timm); like the rest of the edge side, this module never imports timm.
+Its configuration and non-finite-loss error are the main trainer's
+(:mod:`deltavision.train.loop`, importable without timm); the trainer takes
+its optimizer groups and schedule from timm (:mod:`deltavision.train.recipe`),
+so this module keeps the one timm-free copy of both (:class:`EdgeRecipe`, which
+segmentation hands to the main loop), and like the rest of the
+edge side never imports timm.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ...errors import NonFiniteLossError
 from ...train.device import resolve_device
-from ...train.loop import TrainConfig, make_optimizer, make_schedule, train
+from ...train.loop import TrainConfig, train
 from ...train.objectives import SegmentationObjective
 from .network import EdgeNetwork, SegmentationEdgeNetwork
 from .store import FeatureStore
@@ -83,8 +87,9 @@ def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: Fe
     device = resolve_device(config.device)
     model.to(device)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    optimizer = make_optimizer(model, config)
-    schedule = make_schedule(optimizer, config, steps_per_epoch, epochs)
+    optimizer = torch.optim.AdamW(decay_groups(model, config.weight_decay), lr=config.lr)
+    learning_rate = warmup_cosine(config, steps_per_epoch * epochs, int(config.warmup_epochs * steps_per_epoch))
+    updates = 0
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(config.seed)
     bar = tqdm(total=epochs * steps_per_epoch, desc=f"edge k={train.k}", unit="step", disable=not config.progress)
@@ -99,8 +104,10 @@ def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: Fe
                 _check_finite(loss, epoch, step, train.k, config.lr)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(updates)
                 optimizer.step()
-                schedule.step()
+                updates += 1
                 loss_sum += loss.item() * len(labels)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
@@ -109,6 +116,56 @@ def train_edge(model: EdgeNetwork, train: FeatureSet, config: FitConfig, val: Fe
                 row.update(evaluate_edge(model, val))
             history.append(row)
     return history
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in AdamW groups, weight decay on matrices only (as timm's ``param_groups_weight_decay``)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def warmup_cosine(config: TrainConfig, total: int, warmup: int) -> Callable[[int], float]:
+    """The learning rate of update ``t`` (0-based) as timm's CosineLRScheduler gives it with a warm-up prefix:
+    linear from ``config.warmup_lr`` over ``warmup`` updates, then a half cosine from ``config.lr`` to
+    ``config.min_lr`` at update ``total``."""
+    warmup = min(warmup, max(0, total - 1))
+    span = max(1, total - warmup)
+
+    def rate(t: int) -> float:
+        if t < warmup:
+            return config.warmup_lr + t * (config.lr - config.warmup_lr) / warmup
+        done = min(t - warmup, span)
+        return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * done / span))
+
+    return rate
+
+
+class _EdgeSchedule:
+    """:func:`warmup_cosine` with timm's scheduler interface (``step_update(updates)``), for the main loop."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rate: Callable[[int], float]):
+        self.optimizer, self.rate = optimizer, rate
+        self.step_update(0)
+
+    def step_update(self, updates: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.rate(updates)
+
+
+class EdgeRecipe:
+    """The main loop's optimizer and schedule without timm (:func:`decay_groups`, :func:`warmup_cosine`)."""
+
+    @staticmethod
+    def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+        return torch.optim.AdamW(decay_groups(model, config.weight_decay), lr=config.lr)
+
+    @staticmethod
+    def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> _EdgeSchedule:
+        total = steps_per_epoch * config.epochs
+        return _EdgeSchedule(optimizer, warmup_cosine(config, total, int(config.warmup_epochs * steps_per_epoch)))
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, k: int, lr: float) -> None:
@@ -196,7 +253,7 @@ def train_segmentation_edge(
     also land in ``out_dir``/log.csv and curves.png."""
     config = replace(config, epochs=config.epochs if epochs is None else epochs)
     objective = SegmentationObjective(model.config.classes)
-    return train(model, train_set, val, config, out_dir, objective=objective).history
+    return train(model, train_set, val, config, out_dir, objective=objective, recipe=EdgeRecipe).history
 
 
 def miou_after_training(model: SegmentationEdgeNetwork, train_set: MaskedFeatureSet, val: MaskedFeatureSet,
