@@ -43,3 +43,35 @@ def test_gpu_sh_refuses_fp16_on_cpu(tmp_path):
                            "--quick", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0 and "fp16 needs a GPU" in done.stderr
     assert not (tmp_path / "gpu.md").exists()
+
+
+SEGMENTATION_COST_METHODS = ("full", "linear", "lora", "mona", "ssf", "e3va")
+SEGMENTATION_BACKBONES = ("swin_tiny_patch4_window7_224", "vit_small_patch16_224")
+
+
+@pytest.mark.slow
+def test_segmentation_benchmark_quick_writes_cost_targets_and_accuracy_table(tmp_path):
+    """benchmarks/segmentation.py --quick: a measured UPerNet row per backbone and method, three E3VA
+    target lines per backbone, and an accuracy row (mIoU, pixel accuracy) per quick method (never the values)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    out = tmp_path / "seg-quick"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "segmentation.py"), "--quick", "--threads", "1",
+                           "--out", str(out), "--runs", str(tmp_path / "runs")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cost = (out / "segmentation_cost.md").read_text()
+    for backbone in SEGMENTATION_BACKBONES:
+        for method in SEGMENTATION_COST_METHODS:
+            row = re.search(rf"^\| {backbone} \| {method} \| ([^|]+) \| ([^|]+) \|", cost, re.MULTILINE)
+            assert row and row.group(1).strip()[0].isdigit() and row.group(2).strip()[0].isdigit(), \
+                f"no measured row for {backbone} {method}"
+        assert len(re.findall(rf"^(PASS|MISS): {backbone} e3va-r8 ", cost, re.MULTILINE)) == 3, cost
+    accuracy = (out / "segmentation.md").read_text()
+    for method in ("linear", "e3va"):
+        row = re.search(rf"^\| {method} \| 0 \| [\d,]+ \| [\d.]+ \| [\de.-]+ \| ([\d.]+) \| ([\d.]+) \|", accuracy,
+                        re.MULTILINE)
+        assert row, f"no accuracy row for {method}:\n{accuracy}"
+        assert 0 <= float(row.group(1)) <= 100 and 0 <= float(row.group(2)) <= 100
+    for name in ("segmentation_cost.png", "segmentation.png", "segmentation.csv", "segmentation_cost.csv"):
+        assert (out / name).stat().st_size > 0
