@@ -330,7 +330,8 @@ def write_accuracy(setting: AccuracySetting, record: RunRecord, out: Path, runs_
         f"Command: `{command}`",
         f"{setting.head.upper()} head, {setting.image_size} px, {first.get('train_images')} training / "
         f"{first.get('val_images')} validation scenes ({pixels:,} validation pixels, "
-        f"{setting.image_size}x{setting.image_size} each), batch {setting.batch}, {setting.epochs} epochs, "
+        f"{setting.image_size}x{setting.image_size} each), batch {setting.batch}, "
+        f"{setting.epochs} epoch{'s' * (setting.epochs != 1)}, "
         f"augmentation {'on' if setting.augment else 'off'}, each method's default learning rate (LR column); "
         f"one fresh process per run (sequential), device {common.DEVICE}, {common.THREADS} torch threads. " + record.environment(),
         accuracy_table(rows),
