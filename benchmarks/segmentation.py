@@ -1,4 +1,4 @@
-"""Semantic segmentation: the training cost of UPerNet on Swin-T and ViT-S, and every method's accuracy on fashion-scenes.
+"""Segmentation: the training cost of UPerNet on Swin-T and ViT-S, and every method's accuracy on fashion-scenes.
 
 Two parts (``--part cost``, ``--part accuracy``, or both, the default):
 
@@ -333,7 +333,8 @@ def write_accuracy(setting: AccuracySetting, record: RunRecord, out: Path, runs_
         f"{setting.image_size}x{setting.image_size} each), batch {setting.batch}, "
         f"{setting.epochs} epoch{'s' * (setting.epochs != 1)}, "
         f"augmentation {'on' if setting.augment else 'off'}, each method's default learning rate (LR column); "
-        f"one fresh process per run (sequential), device {common.DEVICE}, {common.THREADS} torch threads. " + record.environment(),
+        f"one fresh process per run, device {common.DEVICE}, {common.THREADS} torch threads. "
+        + record.environment(),
         accuracy_table(rows),
         "mIoU: mean over the 11 classes (background included) of the per-class IoU on the validation scenes' "
         "confusion matrix; pixel accuracy: share of validation pixels classified right. Peak memory growth: the "
