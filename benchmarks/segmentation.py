@@ -222,7 +222,12 @@ def plot_cost(rows: list[dict], path: Path) -> None:
 
 
 def write_cost(setting: CostSetting, record: RunRecord, out: Path, command: str, quick: bool) -> str:
-    rows = run_cost(setting)
+    return report_cost(run_cost(setting), setting, record, out, command, quick)
+
+
+def report_cost(rows: list[dict], setting: CostSetting, record: RunRecord, out: Path, command: str,
+                quick: bool, note: str = "") -> str:
+    """Write segmentation_cost.md/.csv/.png from measured rows (``note``: a paragraph after the header)."""
     what = "tiny random-init architectures (--quick: a smoke test, numbers mean nothing)" if quick else "random init"
     memory = "max_memory_allocated growth" if common.on_cuda() else "peak RSS growth (live memory)"
     report = "\n\n".join([
@@ -232,6 +237,7 @@ def write_cost(setting: CostSetting, record: RunRecord, out: Path, command: str,
         f"{setting.image_size} px, batch {setting.batch}; memory: {memory} over {setting.memory_steps} steps, "
         f"one fresh process per method; step: median of {setting.timed_rounds} interleaved rounds after "
         f"{setting.warmup_rounds} warm-up, one process per backbone. " + record.environment(),
+        *([note] if note else []),
         "## E3VA targets",
         "```\n" + "\n".join(target_lines(rows)) + "\n```",
         "## Results (ratios to full fine-tuning on the same backbone)",
