@@ -339,7 +339,7 @@ def write_accuracy(setting: AccuracySetting, record: RunRecord, out: Path, runs_
         f"{setting.image_size}x{setting.image_size} each), batch {setting.batch}, "
         f"{setting.epochs} epoch{'s' * (setting.epochs != 1)}, "
         f"augmentation {'on' if setting.augment else 'off'}, each method's default learning rate (LR column); "
-        f"one fresh process per run, device {common.DEVICE}, {common.THREADS} torch threads. "
+        f"one fresh process per run, device {common.DEVICE}. "
         + record.environment(),
         accuracy_table(rows),
         "mIoU: mean over the 11 classes (background included) of the per-class IoU on the validation scenes' "
