@@ -21,7 +21,7 @@ Two parts (``--part cost``, ``--part accuracy``, or both, the default):
   to show the run-to-run spread.
 
 ``--quick`` is a smoke test: tiny random-init Swin and ViT at 64 px, batch 2, and two methods
-(linear, e3va) on 16 scenes of 64 px for one epoch; its numbers mean nothing.
+e3va on 16 scenes of 64 px for one epoch; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -92,11 +92,11 @@ COST = CostSetting({SWIN: {}, VIT: {}}, 256, 4, memory_steps=2, warmup_rounds=1,
 QUICK_COST = CostSetting(
     {SWIN: {"embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 1, 2, 2), "window_size": 4},
      VIT: {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}},
-    64, 2, memory_steps=2, warmup_rounds=1, timed_rounds=1, jobs=2,
+    64, 2, memory_steps=2, warmup_rounds=1, timed_rounds=1, jobs=4,
 )
 # Sized to finish in ~50 min on 2 heavily shared CPU cores (see segmentation.md): FPN, 64 px, 96 + 48 scenes.
 ACCURACY = AccuracySetting("fpn", 64, 96, 48, 8, 3)
-QUICK_ACCURACY = AccuracySetting("fpn", 64, 16, 8, 8, 1, methods=("linear", "e3va"))
+QUICK_ACCURACY = AccuracySetting("fpn", 64, 16, 8, 8, 1, methods=("e3va",))
 
 
 # ---------------------------------------------------------------- cost: worker side
@@ -363,7 +363,7 @@ def write_accuracy(setting: AccuracySetting, record: RunRecord, out: Path, runs_
 
 
 def parse_args(argv=None):
-    parser = base_parser(__doc__, "smoke test: tiny Swin/ViT at 64 px; linear and e3va on 16 scenes, 1 epoch")
+    parser = base_parser(__doc__, "smoke test: tiny Swin/ViT at 64 px; e3va on 16 scenes, 1 epoch")
     parser.add_argument("--part", choices=["cost", "accuracy", "both"], default="both",
                         help="memory/time of UPerNet (cost), the method sweep (accuracy), or both (default)")
     parser.add_argument("--runs", type=Path, default=RUNS_DIR,
