@@ -1,4 +1,5 @@
-"""Measurement machinery shared by the benchmark scripts (foundation.py, e3va.py, multitask.py).
+"""Measurement machinery shared by the benchmark scripts (foundation.py, e3va.py, multitask.py, gpu.py,
+segmentation.py).
 
 * **Fresh processes.** A script re-invokes itself with ``--worker JSON`` for
   every configuration whose memory it measures (:func:`run_in_fresh_process`,
@@ -65,7 +66,7 @@ from deltavision.memory import peak_rss_bytes  # noqa: E402
 
 EMBEDDED = "tf_efficientnet_lite0"  # the only backbone with offline pretrained weights
 NUM_CLASSES = 10
-THREADS = 2
+THREADS = 2  # torch intra-op threads of every process (--threads)
 SEED = 0
 WEIGHT_DECAY = 0.05
 LEARNING_RATE = 1e-3
@@ -133,10 +134,13 @@ def build_plain(backbone: str, image_size: int, architecture: dict | None = None
     return create_backbone(backbone, NUM_CLASSES, pretrained=backbone == EMBEDDED, options=options).to(DEVICE)
 
 
-def fixed_batch(batch: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_batch(batch: int, image_size: int, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random images and labels: one class per image, or with ``dense`` one per pixel
+    (``(batch, image_size, image_size)`` masks for segmentation models; the same cross-entropy step trains both)."""
     generator = torch.Generator().manual_seed(SEED)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+    shape = (batch, image_size, image_size) if dense else (batch,)
+    labels = torch.randint(0, NUM_CLASSES, shape, generator=generator)
     return images.to(DEVICE), labels.to(DEVICE)
 
 
@@ -276,6 +280,8 @@ def serve_worker(tasks: dict[str, Callable[..., dict]], payload: str) -> None:
 def run_script(args: argparse.Namespace, tasks: dict[str, Callable[..., dict]], benchmark: Callable[..., str]) -> None:
     """A script's entry: serve ``--worker`` if given; else run ``benchmark`` (which writes the
     outputs and returns the Markdown report), print the report and the wall time."""
+    global THREADS
+    THREADS = args.threads
     try:
         configure(args.device, args.precision)
     except DeltaVisionError as err:
@@ -313,8 +319,8 @@ def run_in_fresh_process(script: str, kind: str, exact_allocation: bool = False,
 
 
 def device_arguments() -> list[str]:
-    """This process's --device and --precision, for a worker's command line."""
-    return ["--device", str(DEVICE), "--precision", PRECISION]
+    """This process's --device, --precision and --threads, for a worker's command line."""
+    return ["--device", str(DEVICE), "--precision", PRECISION, "--threads", str(THREADS)]
 
 
 def progress(message: str) -> None:
@@ -345,6 +351,8 @@ def add_device_arguments(parser: argparse.ArgumentParser, precision: str = "fp32
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--precision", default=precision, choices=["fp32", "bf16", "fp16"],
                         help=f"autocast precision of the forward pass (default {precision}; fp16 needs a GPU)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help=f"torch threads per process (default {THREADS}; 1 when many processes share the cores)")
 
 
 @dataclass

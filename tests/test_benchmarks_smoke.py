@@ -43,3 +43,70 @@ def test_gpu_sh_refuses_fp16_on_cpu(tmp_path):
                            "--quick", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0 and "fp16 needs a GPU" in done.stderr
     assert not (tmp_path / "gpu.md").exists()
+
+
+SEGMENTATION_COST_METHODS = ("full", "linear", "lora", "mona", "ssf", "e3va")
+SEGMENTATION_BACKBONES = ("swin_tiny_patch4_window7_224", "vit_small_patch16_224")
+
+
+@pytest.mark.slow
+def test_segmentation_benchmark_quick_writes_cost_targets_and_accuracy_table(tmp_path):
+    """benchmarks/segmentation.py --quick: a measured UPerNet row per backbone and method, three E3VA
+    target lines per backbone, and an accuracy row (mIoU, pixel accuracy) for e3va (never the values)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    out = tmp_path / "seg-quick"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "segmentation.py"), "--quick", "--threads", "1",
+                           "--out", str(out), "--runs", str(tmp_path / "runs")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cost = (out / "segmentation_cost.md").read_text()
+    for backbone in SEGMENTATION_BACKBONES:
+        for method in SEGMENTATION_COST_METHODS:
+            row = re.search(rf"^\| {backbone} \| {method} \| ([^|]+) \| ([^|]+) \|", cost, re.MULTILINE)
+            assert row and row.group(1).strip()[0].isdigit() and row.group(2).strip()[0].isdigit(), \
+                f"no measured row for {backbone} {method}"
+        assert len(re.findall(rf"^(PASS|MISS): {backbone} e3va-r8 ", cost, re.MULTILINE)) == 3, cost
+    accuracy = (out / "segmentation.md").read_text()
+    for method in ("e3va",):
+        row = re.search(rf"^\| {method} \| 0 \| [\d,]+ \| [\d.]+ \| [\de.-]+ \| ([\d.]+) \| ([\d.]+) \|", accuracy,
+                        re.MULTILINE)
+        assert row, f"no accuracy row for {method}:\n{accuracy}"
+        assert 0 <= float(row.group(1)) <= 100 and 0 <= float(row.group(2)) <= 100
+    for name in ("segmentation_cost.png", "segmentation.png", "segmentation.csv", "segmentation_cost.csv"):
+        assert (out / name).stat().st_size > 0
+
+
+def _segmentation_benchmark():
+    """benchmarks/segmentation.py as a module (benchmarks/ is not a package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import segmentation
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return segmentation
+
+
+def test_segmentation_targets_compare_e3va_with_full_and_lora_of_the_same_backbone():
+    bench = _segmentation_benchmark()
+    rows = [{"backbone": backbone, "method": method, "status": "ok", "peak_growth_mib": memory, "step_s": step}
+            for backbone, method, memory, step in (
+                ("a", "full", 1000.0, 10.0), ("a", "lora", 500.0, 8.0), ("a", "e3va", 250.0, 5.0),
+                ("b", "full", 100.0, 1.0), ("b", "lora", 1000.0, 1.0), ("b", "e3va", 40.0, 0.7))]
+    lines = bench.target_lines(bench.add_ratios(rows))
+    assert lines == [
+        "PASS: a e3va-r8 peak memory 0.25x full fine-tuning (target <= 0.35)",
+        "PASS: a e3va-r8 peak memory 0.50x LoRA (target <= 0.6)",
+        "PASS: a e3va-r8 step time 0.50x full fine-tuning (target <= 0.6)",
+        "MISS: b e3va-r8 peak memory 0.40x full fine-tuning (target <= 0.35)",
+        "PASS: b e3va-r8 peak memory 0.04x LoRA (target <= 0.6)",
+        "MISS: b e3va-r8 step time 0.70x full fine-tuning (target <= 0.6)",
+        "4 of 6 target checks pass.",
+    ]
+
+
+def test_dense_fixed_batch_has_one_label_per_pixel():
+    bench = _segmentation_benchmark()
+    images, masks = bench.fixed_batch(2, 16, dense=True)
+    assert images.shape == (2, 3, 16, 16) and masks.shape == (2, 16, 16)
+    assert masks.dtype.is_floating_point is False and 0 <= masks.min() and masks.max() < bench.common.NUM_CLASSES

@@ -102,10 +102,10 @@ def compare(config: CompareConfig, on_result=None, on_skip=None, on_start=None) 
         for seed in seeds:
             number += 1
             run_config = _run_config(config, name, seed)
-            row = None if config.overwrite else _finished(Path(run_config.out_dir), run_config)
+            row = None if config.overwrite else finished_run(Path(run_config.out_dir), run_config)
             if on_start:
                 on_start(number, total, name, seed, row is not None)
-            runs.append({**row, "cached": True} if row else _train_and_keep(run_config, config.nproc))
+            runs.append({**row, "cached": True} if row else train_and_keep(run_config, config.nproc))
         rows.append(summarise(name, runs))
         if on_result:
             on_result(rows[-1])
@@ -130,7 +130,8 @@ def _fitting_methods(config: CompareConfig, on_skip) -> list[str]:
     return fitting
 
 
-def _train_and_keep(run_config: RunConfig, nproc: int) -> dict[str, Any]:
+def train_and_keep(run_config: RunConfig, nproc: int = 1) -> dict[str, Any]:
+    """Train ``run_config`` in a fresh process (:func:`run_one_isolated`) and keep its summary in its run folder."""
     row = run_one_isolated(run_config, nproc)
     row["trainable_pct"] = 100.0 * row["trainable"] / row["total"]
     save_json(row, Path(run_config.out_dir) / SUMMARY)
@@ -202,7 +203,7 @@ def _run_config(config: CompareConfig, method: str, seed: int) -> RunConfig:
     )
 
 
-def _finished(run_dir: Path, run_config: RunConfig) -> dict[str, Any] | None:
+def finished_run(run_dir: Path, run_config: RunConfig) -> dict[str, Any] | None:
     """The summary of an earlier run with exactly these settings, if there is one."""
     try:
         row = load_json(run_dir / SUMMARY)

@@ -27,15 +27,17 @@ def plot_history(history: list[dict], path: Path, plotted: dict[str, str] | None
     _save(fig, path)
 
 
-def plot_accuracy_vs_params(rows: list[dict], path: Path, title: str) -> None:
-    """Top-1 against trainable parameters (log scale), one labelled point per method."""
+def plot_accuracy_vs_params(rows: list[dict], path: Path, title: str, key: str = "top1",
+                            label: str = "validation top-1 (%)") -> None:
+    """``key`` (top-1 by default; e.g. "miou" for segmentation) against trainable parameters (log scale),
+    one labelled point per method."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for row in rows:
-        ax.scatter(row["trainable"], row["top1"], s=40)
-        ax.annotate(row["method"], (row["trainable"], row["top1"]), textcoords="offset points", xytext=(5, 4))
+        ax.scatter(row["trainable"], row[key], s=40)
+        ax.annotate(row["method"], (row["trainable"], row[key]), textcoords="offset points", xytext=(5, 4))
     ax.set_xscale("log")
     ax.margins(x=0.15, y=0.08)  # room for the labels of the outermost points
-    ax.set(xlabel="trainable parameters (log scale)", ylabel="validation top-1 (%)", title=title)
+    ax.set(xlabel="trainable parameters (log scale)", ylabel=label, title=title)
     ax.grid(True, alpha=0.3)
     _save(fig, path)
 
