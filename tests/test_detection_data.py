@@ -6,7 +6,6 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -126,7 +125,7 @@ def _write_voc(root: Path, objects: dict[str, list[tuple[str, tuple[int, int, in
 
 
 def test_voc_folder_gives_boxes_and_the_twenty_classes(tmp_path):
-    root = _write_voc(tmp_path / "VOCdevkit" / "VOC2007",
+    _write_voc(tmp_path / "VOCdevkit" / "VOC2007",
                       {"000001": [("dog", (5, 3, 20, 30)), ("person", (21, 1, 40, 32))], "000002": [("cat", (1, 1, 10, 10))]})
     splits = build_detection_datasets(tmp_path, image_size=40, augment=False)  # the archive's folder works too
     assert splits.classes[0] == "background" and len(splits.classes) == 21

@@ -6,7 +6,6 @@ import csv
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
