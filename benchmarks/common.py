@@ -389,6 +389,17 @@ def ratio(numerator, denominator):
     return None if numerator is None or not denominator else numerator / denominator
 
 
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Memory and step time relative to full fine-tuning (and memory to LoRA) on the same backbone."""
+    for row in rows:
+        same = {r["method"]: r for r in rows if r["backbone"] == row["backbone"] and r["status"] == "ok"}
+        full, lora = same.get("full", {}), same.get("lora", {})
+        row["memory_vs_full"] = ratio(row.get("peak_growth_mib"), full.get("peak_growth_mib"))
+        row["memory_vs_lora"] = ratio(row.get("peak_growth_mib"), lora.get("peak_growth_mib"))
+        row["step_vs_full"] = ratio(row.get("step_s"), full.get("step_s"))
+    return rows
+
+
 def markdown_table(headers: list[str], lines: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])

@@ -41,9 +41,8 @@ import torch  # noqa: E402
 
 import deltavision  # noqa: E402
 from common import (  # noqa: E402
-    RESULTS_DIR, RunRecord, base_parser, build_model, build_plain, describe_status, fixed_batch, fmt,
-    interleaved_medians, markdown_table, no_grad_forward, peak_growth, progress, pyplot, ratio,
-    run_in_fresh_process, run_script, save_figure, synchronize, training_call, write_csv,
+    RESULTS_DIR, RunRecord, add_ratios, base_parser, build_model, build_plain, describe_status, fixed_batch, fmt,
+    interleaved_medians, markdown_table, no_grad_forward, peak_growth, progress, pyplot, run_in_fresh_process, run_script, save_figure, synchronize, training_call, write_csv,
 )
 import common  # noqa: E402
 
@@ -165,16 +164,6 @@ def run_all(setting: Setting) -> tuple[list[dict], dict[str, dict]]:
         rows = list(pool.map(train, jobs))
         inference = dict(pool.map(infer, setting.backbones))
     return add_ratios(rows), inference
-
-
-def add_ratios(rows: list[dict]) -> list[dict]:
-    for row in rows:
-        same = {r["method"]: r for r in rows if r["backbone"] == row["backbone"] and r["status"] == "ok"}
-        full, lora = same.get("full", {}), same.get("lora", {})
-        row["memory_vs_full"] = ratio(row.get("peak_growth_mib"), full.get("peak_growth_mib"))
-        row["memory_vs_lora"] = ratio(row.get("peak_growth_mib"), lora.get("peak_growth_mib"))
-        row["step_vs_full"] = ratio(row.get("step_s"), full.get("step_s"))
-    return rows
 
 
 def target_lines(rows: list[dict]) -> list[str]:

@@ -47,8 +47,8 @@ from deltavision.train.run import RunConfig  # noqa: E402
 
 import common  # noqa: E402
 from common import (  # noqa: E402
-    EMBEDDED, RunRecord, base_parser, build_model, describe_status, fixed_batch, fmt, interleaved_medians,
-    markdown_table, peak_growth, prepare_all, progress, pyplot, ratio, run_in_fresh_process, run_script,
+    EMBEDDED, RunRecord, add_ratios, base_parser, build_model, describe_status, fixed_batch, fmt, interleaved_medians,
+    markdown_table, peak_growth, prepare_all, progress, pyplot, run_in_fresh_process, run_script,
     save_figure, training_call, write_csv,
 )
 
@@ -161,17 +161,6 @@ def run_cost(setting: CostSetting) -> list[dict]:
     for row in rows:
         row["step_s"] = steps[row["backbone"]].get(row["method"])
     return add_ratios(rows)
-
-
-def add_ratios(rows: list[dict]) -> list[dict]:
-    """Memory and step time relative to full fine-tuning (and memory to LoRA) on the same backbone."""
-    for row in rows:
-        same = {r["method"]: r for r in rows if r["backbone"] == row["backbone"] and r["status"] == "ok"}
-        full, lora = same.get("full", {}), same.get("lora", {})
-        row["memory_vs_full"] = ratio(row.get("peak_growth_mib"), full.get("peak_growth_mib"))
-        row["memory_vs_lora"] = ratio(row.get("peak_growth_mib"), lora.get("peak_growth_mib"))
-        row["step_vs_full"] = ratio(row.get("step_s"), full.get("step_s"))
-    return rows
 
 
 def target_lines(rows: list[dict]) -> list[str]:
