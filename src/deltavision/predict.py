@@ -84,6 +84,9 @@ def _detect(model, path: Path, config: dict, out: Path, device, score_threshold:
 
     picture = load_rgb_image(path)
     image = pil_to_tensor(picture).float() / 255  # the detector resizes to its training size and maps back
+    for module in model.modules():  # torchvision's detectors drop scores under 0.05; the user's threshold rules
+        if isinstance(getattr(module, "score_thresh", None), float):
+            module.score_thresh = min(module.score_thresh, score_threshold)
     with torch.no_grad():
         prediction = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
     drawing = out / f"{path.stem}.png"
