@@ -362,3 +362,18 @@ def test_an_adapter_from_a_newer_version_gives_one_warning_line(tiny_vit_run, tm
     warnings = [line for line in result.stderr.splitlines() if "99.0.0" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: "), result.stderr
     assert "Warning" not in result.stderr
+
+
+def test_error_text_in_square_brackets_is_printed_as_written(monkeypatch, capsys):
+    """An install hint like deltavision[export] must not vanish as console markup."""
+    import deltavision.cli as cli
+    from deltavision.errors import DeltaVisionError
+
+    def fail():
+        raise DeltaVisionError("ONNX export needs onnxscript: pip install 'deltavision[export]'")
+
+    monkeypatch.setattr(cli, "app", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    assert "pip install 'deltavision[export]'" in capsys.readouterr().err

@@ -46,7 +46,9 @@ def main() -> None:
     try:
         app()
     except DeltaVisionError as err:
-        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # "[export]" stays
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; `--resume` continues a training run from its last epoch")

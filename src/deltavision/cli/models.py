@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import (
@@ -101,7 +102,7 @@ def evaluate_adapter(
 
     metrics = evaluate_saved_adapter(adapter, data, batch_size, val_limit, checkpoint, pretrained, device, precision)
     for warning in metrics["warnings"]:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(metrics))
     elif metrics["task"] == "segmentation":
