@@ -341,7 +341,7 @@ def write_accuracy(setting: AccuracySetting, record: RunRecord, out: Path, runs_
     ]) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "segmentation.md").write_text(report)
-    write_csv([{k: v for k, v in r.items() if k != "config"} for r in rows], out / "segmentation.csv")
+    write_csv([{k: v for k, v in r.items() if k not in ("config", "out_dir")} for r in rows], out / "segmentation.csv")
     first_seed = [r for r in rows if r["seed"] == 0]
     plot_accuracy_vs_params(first_seed, out / "segmentation.png", f"{EMBEDDED} on {FASHION_SCENES} (seed 0)",
                             key="miou", label="validation mIoU (%)")
