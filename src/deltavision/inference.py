@@ -7,14 +7,12 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from .data import build_datasets
-from .data.segmentation import build_segmentation_datasets
 from .errors import AdapterFileError, DataError
 from .io import refuse_overwrite, save_tensors
 from .model import load_adapter, merge, read_adapter_config, resolve_adapter
 from .train.device import check_precision, resolve_device
 from .train.objectives import objective_for
-from .train.run import eval_transform_settings
+from .train.run import datasets_for_task
 
 
 def evaluate_saved_adapter(
@@ -41,19 +39,11 @@ def evaluate_saved_adapter(
     if limit != run.get("val_limit"):
         warnings.append(f"--val-limit {val_limit} differs from the run's {run.get('val_limit')}: a different subset")
     data_cfg, task = config["data"], config.get("task", "classification")
-    common = dict(
-        image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"],
-        val_fraction=run.get("val_fraction", 0.2), train_limit=run.get("train_limit"), val_limit=limit,
-        augment=False, seed=run.get("train", {}).get("seed", config.get("seed", 0)),
+    splits = datasets_for_task(
+        task, source, data_cfg, val_fraction=run.get("val_fraction", 0.2), train_limit=run.get("train_limit"),
+        val_limit=limit, augment=False, seed=run.get("train", {}).get("seed", config.get("seed", 0)),
+        data_options=run.get("data_options"),
     )
-    if task == "segmentation":
-        splits = build_segmentation_datasets(source, **common)
-    elif task in ("detection", "instance"):
-        from .data.detection import build_detection_datasets
-
-        splits = build_detection_datasets(source, masks=task == "instance", **common)
-    else:
-        splits = build_datasets(source, data_options=run.get("data_options"), **common, **eval_transform_settings(data_cfg))
     if len(splits.classes) != config["num_classes"]:
         raise DataError(
             f"{source} has {len(splits.classes)} classes but the adapter was trained for {config['num_classes']}"

@@ -236,21 +236,29 @@ def run_training(config: RunConfig) -> dict[str, Any]:
 
 def build_task_datasets(config: RunConfig, data_cfg: dict):
     """The run's train and validation splits for its task."""
-    from ..data import Augmentation, build_datasets
+    from ..data import Augmentation
+
+    return datasets_for_task(
+        config.task, config.data, data_cfg, val_fraction=config.val_fraction, train_limit=config.train_limit,
+        val_limit=config.val_limit, augment=config.augment, seed=config.train.seed, data_options=config.data_options,
+        augmentation=Augmentation(config.auto_augment, config.reprob, config.color_jitter),
+    )
+
+
+def datasets_for_task(task: str, source: str, data_cfg: dict, *, data_options=None, augmentation=None, **common):
+    """Train and validation splits of ``source`` for ``task``, at the input size and normalisation of
+    ``data_cfg``; classification also takes the run's data options, augmentation and evaluation crop."""
+    from ..data import build_datasets
     from ..data.detection import build_detection_datasets
     from ..data.segmentation import build_segmentation_datasets
 
-    common = dict(
-        image_size=config.image_size, mean=data_cfg["mean"], std=data_cfg["std"], val_fraction=config.val_fraction,
-        train_limit=config.train_limit, val_limit=config.val_limit, augment=config.augment, seed=config.train.seed,
-    )
-    if config.task == "segmentation":  # torchvision's joint image-and-mask transforms
-        return build_segmentation_datasets(config.data, **common)
-    if config.task in ("detection", "instance"):
-        return build_detection_datasets(config.data, masks=config.task == "instance", **common)
-    augmentation = Augmentation(config.auto_augment, config.reprob, config.color_jitter)
-    return build_datasets(config.data, data_options=config.data_options, **common, **eval_transform_settings(data_cfg),
-                          augmentation=augmentation)
+    common.update(image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"])
+    if task == "segmentation":  # torchvision's joint image-and-mask transforms
+        return build_segmentation_datasets(source, **common)
+    if task in ("detection", "instance"):
+        return build_detection_datasets(source, masks=task == "instance", **common)
+    extra = {"augmentation": augmentation} if augmentation is not None else {}
+    return build_datasets(source, data_options=data_options, **common, **eval_transform_settings(data_cfg), **extra)
 
 
 def detector_options(config: RunConfig) -> dict | None:
