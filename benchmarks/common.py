@@ -428,3 +428,29 @@ def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
+
+
+# ---------------------------------------------------------------- accuracy sweeps on the embedded backbone
+
+
+def fitting_methods(methods) -> tuple[list[str], dict[str, str]]:
+    """(the ``methods`` that fit the embedded backbone, {method: why not} for the others)."""
+    from deltavision.model import method_misfit
+
+    fitting, skipped = [], {}
+    for method in methods:
+        reason = method_misfit(EMBEDDED, method)
+        if reason:
+            skipped[method] = reason
+        else:
+            fitting.append(method)
+    return fitting, skipped
+
+
+def kept_or_trained(config) -> dict:
+    """A run's summary: kept from an earlier run with the same settings, else trained in a fresh process."""
+    from deltavision.compare import finished_run, train_and_keep
+
+    kept = finished_run(Path(config.out_dir), config)
+    row = {**kept, "cached": True} if kept else train_and_keep(config)
+    return {**row, "seed": config.train.seed, "lr": row["config"]["train"]["lr"]}

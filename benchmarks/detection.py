@@ -1,4 +1,8 @@
-"""Mask R-CNN training memory and step time per method: full, LoRA, Mona, SSF and E3VA r8 on Swin-T.
+"""Mask R-CNN: training memory and step time on Swin-T, and each method's box/mask AP on fashion-scenes.
+
+Two parts (``--part cost``, ``--part accuracy``, or both, the default).
+
+**cost**: full, linear (the heads alone: the floor), LoRA, Mona, SSF and E3VA r8.
 
 torchvision's Mask R-CNN (``deltavision.create_model(..., task="instance")``,
 FPN 256, torchvision's heads) on Swin-T (random init: only the embedded
@@ -8,38 +12,54 @@ For every method this measures
 
 * **peak training memory**: a fresh process per method builds the model and
   the batch, reads the peak RSS, runs training steps (the detector's summed
-  loss dict, backward, AdamW over ``parameter_groups``) and reports how far
+  loss dict, backward, AdamW over timm's ``param_groups_weight_decay``) and reports how far
   the peak grew (``common.peak_growth``, exact allocation as e3va.py);
 * **step time**: one fresh process builds every method and runs their steps
   round-robin (``common.interleaved_medians``), as a ratio to full fine-tuning.
 
 Targets (E3VA's COCO Mask R-CNN figures, PASS/MISS lines): E3VA peak memory
 <= 0.45x full fine-tuning and <= 0.64x LoRA's; E3VA step time <= 0.8x full.
+Writes detection.md, detection.csv and detection.png.
 
-Usage: ``python benchmarks/detection.py [--quick] [--out benchmarks/results]``.
-Writes detection.md, detection.csv and detection.png; the Markdown also goes to stdout.
+**accuracy**: ``deltavision train --task instance --data fashion-scenes`` on
+the embedded pretrained EfficientNet-Lite0 for full, linear, LoRA, Mona, SSF
+and E3VA (one fresh process each, the method's default learning rate capped
+at the detector's 1e-3); box and mask AP, AP50 of the last epoch. Finished
+runs with the same settings are kept and reused. Writes
+detection_accuracy.md, detection_accuracy.csv and detection_accuracy.png.
+
+Usage: ``python benchmarks/detection.py [--quick] [--part cost|accuracy|both] [--out benchmarks/results]``.
+The Markdown also goes to stdout.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 import deltavision
+import common
 from common import (
-    DEVICE, WEIGHT_DECAY, LEARNING_RATE, RunRecord, base_parser, describe_status, fmt, interleaved_medians,
-    markdown_table, peak_growth, prepare_all, progress, pyplot, ratio, run_in_fresh_process, run_script,
-    save_figure, size_options, write_csv,
+    DEVICE, EMBEDDED, WEIGHT_DECAY, LEARNING_RATE, RunRecord, add_ratios, base_parser, describe_status,
+    fitting_methods, fmt, interleaved_medians, kept_or_trained, markdown_table, peak_growth, prepare_all, progress,
+    pyplot, run_in_fresh_process, run_script, save_figure, size_options, write_csv,
 )
-from deltavision.train.loop import parameter_groups
+from deltavision.data.segmentation import FASHION_SCENES
+from deltavision.train.loop import TrainConfig
+from deltavision.train.plots import plot_accuracy_vs_params
+from deltavision.train.run import RunConfig
+from timm.optim import param_groups_weight_decay
 
 SWIN = "swin_tiny_patch4_window7_224"
 FULL, LORA, E3VA = "full", "lora", "e3va-r8"
 VARIANTS: dict[str, tuple[str, dict]] = {
-    FULL: ("full", {}), LORA: ("lora", {}), "mona": ("mona", {}), "ssf": ("ssf", {}), E3VA: ("e3va", {"rank": 8}),
+    FULL: ("full", {}), "linear": ("linear", {}), LORA: ("lora", {}), "mona": ("mona", {}), "ssf": ("ssf", {}), E3VA: ("e3va", {"rank": 8}),
 }
 CLASSES = 11  # ten object classes and the background, as fashion-scenes
 TARGETS = (
@@ -60,6 +80,23 @@ class Setting:
 
 FULL_SETTING = Setting(320, 2, 2, 1, 2)
 QUICK_SETTING = Setting(128, 2, 2, 1, 1)
+
+
+@dataclass(frozen=True)
+class AccuracySetting:
+    image_size: int
+    train_scenes: int
+    val_scenes: int
+    batch: int
+    epochs: int
+    methods: tuple[str, ...]
+
+
+ACCURACY_METHODS = ("full", "linear", "lora", "mona", "ssf", "e3va")
+# Sized to finish in about an hour on 2 idle CPU cores (about 10 minutes per method).
+ACCURACY = AccuracySetting(128, 160, 48, 8, 3, ACCURACY_METHODS)
+QUICK_ACCURACY = AccuracySetting(64, 8, 4, 4, 1, ("e3va",))
+RUNS_DIR = Path(__file__).resolve().parent / "runs" / "detection"
 
 
 # ---------------------------------------------------------------- worker side
@@ -98,7 +135,7 @@ def detection_step(model, optimizer, images, targets) -> None:
 
 
 def detection_call(model, images, targets):
-    optimizer = torch.optim.AdamW(parameter_groups(model, WEIGHT_DECAY), lr=LEARNING_RATE)
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, WEIGHT_DECAY), lr=LEARNING_RATE)
     model.train()
     return functools.partial(detection_step, model, optimizer, images, targets)
 
@@ -128,14 +165,14 @@ def run_all(setting: Setting) -> list[dict]:
     for label in VARIANTS:
         result = run_in_fresh_process(__file__, "memory", exact_allocation=True, label=label,
                                       image_size=setting.image_size, batch=setting.batch, steps=setting.memory_steps)
-        rows.append({"variant": label, **result})
+        rows.append({"method": label, "backbone": SWIN, **result})
         progress(f"{next(counter)} {label} memory: {describe_status(result, _memory_text)}")
-    ok = [row["variant"] for row in rows if row["status"] == "ok"]
+    ok = [row["method"] for row in rows if row["status"] == "ok"]
     timing = run_in_fresh_process(__file__, "time", labels=ok, image_size=setting.image_size, batch=setting.batch,
                                   warmup=setting.warmup_steps, runs=setting.timed_steps)
     progress(f"{next(counter)} step times: {describe_status(timing, _time_text)}")
     for row in rows:
-        row["step_s"] = timing.get("step_s", {}).get(row["variant"])
+        row["step_s"] = timing.get("step_s", {}).get(row["method"])
     return add_ratios(rows)
 
 
@@ -147,22 +184,12 @@ def _time_text(result: dict) -> str:
     return ", ".join(f"{label} {s:.2f} s" for label, s in result["step_s"].items())
 
 
-def add_ratios(rows: list[dict]) -> list[dict]:
-    by_label = {r["variant"]: r for r in rows if r["status"] == "ok"}
-    full, lora = by_label.get(FULL, {}), by_label.get(LORA, {})
-    for row in by_label.values():
-        row["memory_vs_full"] = ratio(row["peak_growth_mib"], full.get("peak_growth_mib"))
-        row["memory_vs_lora"] = ratio(row["peak_growth_mib"], lora.get("peak_growth_mib"))
-        row["step_vs_full"] = ratio(row["step_s"], full.get("step_s"))
-    return rows
-
-
 # ---------------------------------------------------------------- reporting
 
 
 def target_lines(rows: list[dict]) -> list[str]:
     lines = []
-    e3va = next((r for r in rows if r["variant"] == E3VA), None)
+    e3va = next((r for r in rows if r["method"] == E3VA), None)
     if e3va is None or e3va["status"] != "ok":
         return [f"MISS  {E3VA}: not measured ({(e3va or {}).get('reason', 'missing')})"]
     for what, key, limit, reference in TARGETS:
@@ -180,9 +207,9 @@ def results_table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         if r["status"] != "ok":
-            lines.append([r["variant"], r["status"], "", "", "", "", r["reason"]])
+            lines.append([r["method"], r["status"], "", "", "", "", r["reason"]])
             continue
-        lines.append([r["variant"], f"{r['trainable']:,}", f"{r['peak_growth_mib']:.0f}",
+        lines.append([r["method"], f"{r['trainable']:,}", f"{r['peak_growth_mib']:.0f}",
                       fmt(r["memory_vs_full"], ".2f"), fmt(r["memory_vs_lora"], ".2f"), fmt(r["step_s"], ".2f"),
                       fmt(r["step_vs_full"], ".2f")])
     return markdown_table(headers, lines)
@@ -197,14 +224,15 @@ def plot(rows: list[dict], path) -> None:
     ax.bar([i + 0.2 for i in x], [r["step_vs_full"] or 0 for r in ok], 0.4, label="step time / full")
     ax.axhline(0.45, color="tab:blue", linestyle=":", linewidth=1)
     ax.axhline(0.8, color="tab:orange", linestyle=":", linewidth=1)
-    ax.set_xticks(list(x), [r["variant"] for r in ok])
+    ax.set_xticks(list(x), [r["method"] for r in ok])
     ax.set_ylabel("ratio to full fine-tuning (dotted: E3VA targets)")
     ax.set_title(f"Mask R-CNN, {SWIN}", fontsize=9)
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
-def write_outputs(rows: list[dict], setting: Setting, record: RunRecord, out) -> str:
+def write_cost(setting: Setting, record: RunRecord, out: Path) -> str:
+    rows = run_all(setting)
     out.mkdir(parents=True, exist_ok=True)
     report = "\n\n".join([
         "# Detection benchmark: Mask R-CNN training memory and step time",
@@ -215,6 +243,9 @@ def write_outputs(rows: list[dict], setting: Setting, record: RunRecord, out) ->
         "```\n" + "\n".join(target_lines(rows)) + "\n```",
         "## Results",
         results_table(rows),
+        "Peak memory growth: peak RSS above the level once the model and batch exist (weights are in the "
+        "baseline), so it holds gradients, AdamW state and saved activations. linear trains the FPN and the "
+        "detector heads alone (about 20M parameters at FPN width 256), the floor every method pays.",
     ]) + "\n"
     (out / "detection.md").write_text(report)
     write_csv(rows, out / "detection.csv")
@@ -222,10 +253,100 @@ def write_outputs(rows: list[dict], setting: Setting, record: RunRecord, out) ->
     return report
 
 
+# ---------------------------------------------------------------- accuracy
+
+
+def run_config(setting: AccuracySetting, method: str, runs_dir: Path) -> RunConfig:
+    """One method's Mask R-CNN run on fashion-scenes (the method's default learning rate, capped for detectors)."""
+    train = TrainConfig(epochs=setting.epochs, batch_size=setting.batch, progress=False, device=str(common.DEVICE),
+                        precision=common.PRECISION)
+    return RunConfig(
+        backbone=EMBEDDED, method=method, data=FASHION_SCENES, out_dir=str(runs_dir / method), task="instance",
+        image_size=setting.image_size, train_limit=setting.train_scenes, val_limit=setting.val_scenes,
+        augment=False, overwrite=True, train=train,
+    )
+
+
+AP_COLUMNS = ("box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50")
+
+
+def run_accuracy(setting: AccuracySetting, runs_dir: Path) -> tuple[list[dict], dict]:
+    methods, skipped = fitting_methods(setting.methods)
+    rows = []
+    for number, method in enumerate(methods, 1):
+        row = kept_or_trained(run_config(setting, method, runs_dir))
+        progress(f"[{number}/{len(methods)}] {method}: box AP {row['box_ap']:.2f}, mask AP {row['mask_ap']:.2f}, "
+                 f"{row['train_seconds']:.0f} s" + (" (kept)" if row.get("cached") else ""))
+        rows.append(row)
+    return rows, skipped
+
+
+def accuracy_table(rows: list[dict]) -> str:
+    headers = ["Method", "Trainable params", "LR", "Box AP", "Box AP50", "Box AP75", "Mask AP", "Mask AP50",
+               "Train time (s)"]
+    lines = [[r["method"], f"{r['trainable']:,}", f"{r['lr']:g}", *(f"{r[k]:.2f}" for k in AP_COLUMNS),
+              f"{r['train_seconds']:.0f}"] for r in rows]
+    return markdown_table(headers, lines)
+
+
+def write_accuracy(setting: AccuracySetting, record: RunRecord, out: Path, runs_dir: Path, command: str) -> str:
+    os.environ["OMP_NUM_THREADS"] = str(common.THREADS)  # the spawned training processes' torch threads
+    rows, skipped = run_accuracy(setting, runs_dir)
+    first = rows[0] if rows else {}
+    report = "\n\n".join([
+        "# Detection: Mask R-CNN on fashion-scenes (tf_efficientnet_lite0, real weights)",
+        f"Command: `{command}`",
+        f"torchvision Mask R-CNN (FPN 256), {setting.image_size} px, {first.get('train_images')} training / "
+        f"{first.get('val_images')} validation scenes, batch {setting.batch}, {setting.epochs} "
+        f"epoch{'s' * (setting.epochs != 1)}, augmentation off, each method's default learning rate capped at 1e-3 "
+        f"(LR column); one fresh process per run, device {common.DEVICE}. " + record.environment(),
+        accuracy_table(rows),
+        "AP: COCO box and mask AP (IoU 0.50:0.95), AP50, AP75 on the validation scenes after the last epoch "
+        "(torchmetrics' MeanAveragePrecision, pycocotools backend), in percent. One seed per method: a "
+        "comparison of short runs, not of converged detectors.",
+        "Not run (do not fit the backbone): "
+        + ("; ".join(f"{m} ({why})" for m, why in skipped.items()) or "none") + ".",
+        "![box AP vs trainable parameters](detection_accuracy.png)",
+    ]) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "detection_accuracy.md").write_text(report)
+    write_csv([{k: v for k, v in r.items() if k not in ("config", "out_dir")} for r in rows],
+              out / "detection_accuracy.csv")
+    plot_accuracy_vs_params(rows, out / "detection_accuracy.png", f"Mask R-CNN, {EMBEDDED} on {FASHION_SCENES}",
+                            key="box_ap", label="validation box AP (%)")
+    return report
+
+
+# ---------------------------------------------------------------- entry
+
+
+def parse_args(argv=None):
+    parser = base_parser(__doc__, "smoke test: 128 px cost, one timed round; e3va on 8 scenes at 64 px, 1 epoch")
+    parser.add_argument("--part", choices=["cost", "accuracy", "both"], default="both",
+                        help="memory/time of Mask R-CNN on Swin-T (cost), the AP sweep (accuracy), or both (default)")
+    parser.add_argument("--runs", type=Path, default=RUNS_DIR,
+                        help="run folders of the accuracy sweep (default benchmarks/runs/detection)")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help=f"accuracy: only these methods (default: {', '.join(ACCURACY_METHODS)})")
+    return parser.parse_args(argv)
+
+
 def main(argv=None) -> None:
-    args = base_parser(__doc__, "smoke test: 128 px, one timed round").parse_args(argv)
-    setting = QUICK_SETTING if args.quick else FULL_SETTING
-    run_script(args, TASKS, lambda record: write_outputs(run_all(setting), setting, record, args.out))
+    args = parse_args(argv)
+    command = "python benchmarks/detection.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    setting, accuracy = (QUICK_SETTING, QUICK_ACCURACY) if args.quick else (FULL_SETTING, ACCURACY)
+    if args.methods:
+        accuracy = replace(accuracy, methods=tuple(args.methods))
+
+    def benchmark(record: RunRecord) -> str:
+        reports = []
+        if args.part in ("cost", "both"):
+            reports.append(write_cost(setting, record, args.out))
+        if args.part in ("accuracy", "both"):
+            reports.append(write_accuracy(accuracy, RunRecord(), args.out, args.runs, command))
+        return "\n".join(reports)
+
+    run_script(args, TASKS, benchmark)
 
 
 if __name__ == "__main__":

@@ -37,17 +37,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import deltavision  # noqa: E402
-from deltavision.compare import finished_run, train_and_keep  # noqa: E402
 from deltavision.data.segmentation import FASHION_SCENES  # noqa: E402
 from deltavision.methods import list_methods  # noqa: E402
-from deltavision.model import method_misfit  # noqa: E402
 from deltavision.train.loop import TrainConfig  # noqa: E402
 from deltavision.train.plots import plot_accuracy_vs_params  # noqa: E402
 from deltavision.train.run import RunConfig  # noqa: E402
 
 import common  # noqa: E402
 from common import (  # noqa: E402
-    EMBEDDED, RunRecord, add_ratios, base_parser, build_model, describe_status, fixed_batch, fmt, interleaved_medians,
+    EMBEDDED, RunRecord, add_ratios, base_parser, build_model, describe_status, fitting_methods, fixed_batch, fmt,
+    interleaved_medians, kept_or_trained,
     markdown_table, peak_growth, prepare_all, progress, pyplot, run_in_fresh_process, run_script,
     save_figure, training_call, write_csv,
 )
@@ -242,18 +241,6 @@ def report_cost(rows: list[dict], setting: CostSetting, record: RunRecord, out: 
 # ---------------------------------------------------------------- accuracy
 
 
-def accuracy_methods(setting: AccuracySetting) -> tuple[list[str], dict[str, str]]:
-    """(methods that fit the embedded backbone, {method: why not} for the others)."""
-    fitting, skipped = [], {}
-    for method in setting.methods or list_methods():
-        reason = method_misfit(EMBEDDED, method)
-        if reason:
-            skipped[method] = reason
-        else:
-            fitting.append(method)
-    return fitting, skipped
-
-
 def run_config(setting: AccuracySetting, method: str, seed: int, runs_dir: Path) -> RunConfig:
     """One method's segmentation run on fashion-scenes (the method's default learning rate)."""
     folder = method if seed == 0 else f"{method}.seed{seed}"
@@ -266,20 +253,13 @@ def run_config(setting: AccuracySetting, method: str, seed: int, runs_dir: Path)
     )
 
 
-def train_method(config: RunConfig) -> dict:
-    """The run's summary: kept from an earlier run with the same settings, else trained in a fresh process."""
-    kept = finished_run(Path(config.out_dir), config)
-    row = {**kept, "cached": True} if kept else train_and_keep(config)
-    return {**row, "seed": config.train.seed, "lr": row["config"]["train"]["lr"]}
-
-
 def run_accuracy(setting: AccuracySetting, runs_dir: Path, second_seed: list[str]) -> tuple[list[dict], dict]:
     """Every fitting method with seed 0, then the ``second_seed`` methods with seed 1."""
-    methods, skipped = accuracy_methods(setting)
+    methods, skipped = fitting_methods(setting.methods or list_methods())
     jobs = [(m, 0) for m in methods] + [(m, SECOND_SEED) for m in second_seed]
     rows = []
     for number, (method, seed) in enumerate(jobs, 1):
-        row = train_method(run_config(setting, method, seed, runs_dir))
+        row = kept_or_trained(run_config(setting, method, seed, runs_dir))
         progress(f"[{number}/{len(jobs)}] {method} seed {seed}: mIoU {row['miou']:.2f}%, pixel accuracy "
                  f"{row['pixel_acc']:.2f}%, {row['train_seconds']:.0f} s" + (" (kept)" if row.get("cached") else ""))
         rows.append(row)

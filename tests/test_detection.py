@@ -141,6 +141,16 @@ def test_e3va_detection_never_backpropagates_through_the_backbone(family):
     assert all(p.grad is not None for p in model.backbone.body.highway.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("family", ["swin", "efficientnet"])
+def test_e3va_feeds_its_stage_norms_to_the_fpn_with_no_second_norm(family):
+    """E3VA's maps already end in the highway's trainable stage norms (Sec. 3.2): the detector adds none;
+    in-backbone methods' raw stage maps get the detector's own LayerNorm per level."""
+    e3va, lora = _detector(family, "e3va"), _detector(family, "lora")
+    assert e3va.backbone.norms and all(isinstance(n, nn.Identity) for n in e3va.backbone.norms)
+    assert not any(n.startswith("backbone.norms.") for n in trainable_names(e3va))
+    assert all(not isinstance(n, nn.Identity) for n in lora.backbone.norms)
+
+
 def test_images_are_resized_to_the_training_size_and_boxes_mapped_back():
     model = _detector("convnext", "ssf", "fasterrcnn").eval()
     assert model.transform.min_size == (IMAGE_SIZE,) and model.transform.max_size == IMAGE_SIZE

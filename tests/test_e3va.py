@@ -153,6 +153,34 @@ def test_backbone_runs_without_autograd_and_gets_no_gradient(family):
             assert param.grad is None, name
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_highway_saves_nothing_inside_its_frozen_copies_or_low_rank_branches(family):
+    """Memory (Sec. 3.2): backward keeps only what enters the highway's frozen copies (downsampling, blocks
+    without a skip) and each adapter's branch; what happens inside them is recomputed in backward."""
+    model = _e3va(family, dense=True)
+    deltavision.set_train_mode(model, True)
+    inside = [m for m in model.highway.passes.values()]
+    inside += [part for adapters in model.highway.adapters for a in adapters for part in (a.down, a.up)]
+    assert inside
+    depth = [0]
+    handles = [h for m in inside for h in (m.register_forward_pre_hook(lambda *_: depth.__setitem__(0, depth[0] + 1)),
+                                           m.register_forward_hook(lambda *_: depth.__setitem__(0, depth[0] - 1)))]
+    saved_inside, saved = [], []
+
+    def pack(tensor):
+        (saved_inside if depth[0] else saved).append(tensor.shape)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        maps = model.features(random_images(batch=2))
+    for h in handles:
+        h.remove()
+    assert saved, "nothing saved at all: the hook did not see the graph"
+    assert not saved_inside, f"{len(saved_inside)} tensors saved inside frozen copies or branches: {saved_inside[:3]}"
+    sum(m.float().mean() for m in maps).backward()
+    assert all(p.grad is not None for p in model.highway.parameters() if p.requires_grad)
+
+
 def _is_final_norm(model, name):
     final = model.anatomy.final
     module = model.get_submodule(name.rpartition(".")[0])

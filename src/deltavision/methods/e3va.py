@@ -135,6 +135,8 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
 class E3VAModel(BackboneWrapper):
     """The frozen ``backbone`` and its trainable ``highway``; the forward runs the highway (Sec. 3.2)."""
 
+    normalizes_features = True  # feature_maps pass through the highway's trainable stage norms
+
     def __init__(self, backbone: nn.Module, anatomy, rank: int, dense: bool):
         super().__init__(backbone, anatomy)
         self.highway = Highway(backbone, anatomy, rank, dense)
@@ -152,7 +154,7 @@ class E3VAModel(BackboneWrapper):
             if stage.downsample:
                 with torch.no_grad():
                     l = self.backbone.get_submodule(stage.downsample)(l)
-                e = self.highway.passes[f"down{stage.index}"](e)
+                e = _through_frozen(self.highway.passes[f"down{stage.index}"], e)
             for index in stage.blocks:
                 l, e = self._block_step(index, l, e)
             outputs.append(e)
@@ -196,8 +198,15 @@ class E3VAModel(BackboneWrapper):
         if info.has_skip:
             e = e + sum(adapter(o) for adapter, o in zip(self.highway.adapters[index], outputs))
         else:
-            e = self.highway.passes[str(index)](e)
+            e = _through_frozen(self.highway.passes[str(index)], e)
         return l, e
+
+
+def _through_frozen(module: nn.Module, e: torch.Tensor) -> torch.Tensor:
+    """The highway through a frozen copy, keeping only ``e`` for backward (the copy reruns there)."""
+    if torch.is_grad_enabled() and e.requires_grad:
+        return checkpoint(module, e, use_reentrant=False)
+    return module(e)
 
 
 def e3va_stage_outputs(model: E3VAModel, x: torch.Tensor) -> list[torch.Tensor]:

@@ -16,7 +16,12 @@ from ..anatomy import Anatomy, get_family
 
 
 class BackboneWrapper(nn.Module):
-    """A timm ``backbone`` (a child module) with the ``anatomy`` and Family it was adapted by."""
+    """A timm ``backbone`` (a child module) with the ``anatomy`` and Family it was adapted by.
+
+    ``normalizes_features``: :meth:`feature_maps` already end in a trainable
+    norm, so dense heads add none of their own."""
+
+    normalizes_features = False
 
     def __init__(self, backbone: nn.Module, anatomy: Anatomy):
         super().__init__()

@@ -67,7 +67,8 @@ class PyramidBackbone(nn.Module):
     Children: ``body`` (the adapted model), ``neck`` (:class:`FeaturePyramid`),
     ``norms`` (a trainable LayerNorm per level, as mmdet's Swin and ViTDet
     put on their outputs: raw stage outputs of CNNs reach a standard deviation of
-    10 and more, which gives Mask R-CNN first mask losses above 10) and ``fpn``;
+    10 and more, which gives Mask R-CNN first mask losses above 10; identities
+    when the body's maps end in its own norms, as E3VA's) and ``fpn``;
     ``out_channels`` is the FPN width. ``retina``: the three
     coarsest levels plus P6/P7 (strides 8-128, as RetinaNet); otherwise four
     levels plus a max-pooled one (strides 4-64, as Faster/Mask R-CNN).
@@ -82,7 +83,8 @@ class PyramidBackbone(nn.Module):
             self.neck.drop_finest()
         if isinstance(body, BackboneWrapper):
             body.use_stages(self.neck.picked)
-        self.norms = nn.ModuleList(LayerNorm2d(c) for c in self.neck.channels)
+        normalized = getattr(body, "normalizes_features", False)
+        self.norms = nn.ModuleList(nn.Identity() if normalized else LayerNorm2d(c) for c in self.neck.channels)
         extra = LastLevelP6P7(out_channels, out_channels) if retina else LastLevelMaxPool()
         self.fpn = FeaturePyramidNetwork(self.neck.channels, out_channels, extra_blocks=extra)
         self.out_channels = out_channels
