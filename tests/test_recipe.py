@@ -123,7 +123,7 @@ def test_csv_logger_writes_no_event_files(tmp_path, digits_folder, backbone_chec
     run_training(_config(digits_folder, out, backbone_checkpoint("vit"), train=train, train_limit=20))
     assert not list(out.glob("events.out.tfevents.*"))
     row = _read_log(out)[0]
-    assert float(row["peak_memory_mb"]) > 0 and float(row["images_per_s"]) > 0
+    assert float(row["process_peak_memory_mb"]) > 0 and float(row["images_per_s"]) > 0
 
 
 def test_wandb_logger_logs_each_epoch_and_resumes_the_same_run(tmp_path, monkeypatch):

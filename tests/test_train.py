@@ -80,14 +80,14 @@ def test_tensorboard_event_files_hold_every_logged_scalar(finished_run):
     events = EventAccumulator(str(out))
     events.Reload()
     columns = {"train/lr": "lr", "train/loss": "train_loss", "val/loss": "val_loss", "val/top1": "top1",
-               "val/top5": "top5", "system/peak_memory_mb": "peak_memory_mb", "system/images_per_s": "images_per_s"}
+               "val/top5": "top5", "system/process_peak_memory_mb": "process_peak_memory_mb", "system/images_per_s": "images_per_s"}
     assert set(events.Tags()["scalars"]) == set(columns)
     rows = _read_log(out)
     for tag, column in columns.items():
         logged = events.Scalars(tag)
         assert [e.step for e in logged] == [1, 2]
         assert [e.value for e in logged] == pytest.approx([float(r[column]) for r in rows], rel=1e-6)
-    assert all(float(r["peak_memory_mb"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
+    assert all(float(r["process_peak_memory_mb"]) > 0 and float(r["images_per_s"]) > 0 for r in rows)
 
 
 def test_saved_adapter_evaluates_to_the_logged_accuracy(finished_run, backbone_checkpoint):

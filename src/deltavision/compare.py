@@ -230,7 +230,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The comparison as Markdown, with a footer stating the noise rule."""
     head = (
         "| method | trainable params | trainable % | top-1 % | top-5 % | within noise of best | train time s "
-        "| peak memory MB |\n|---|---:|---:|---:|---:|:-:|---:|---:|\n"
+        "| peak memory growth MB |\n|---|---:|---:|---:|---:|:-:|---:|---:|\n"
     )
     body = "".join(
         f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {mean_spread(r, 'top1')} "

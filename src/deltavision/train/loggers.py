@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import DeltaVisionError
 
 LOGGERS = ("auto", "tensorboard", "csv", "wandb")
-SYSTEM = {"peak_memory_mb", "images_per_s"}
+SYSTEM = {"process_peak_memory_mb", "images_per_s"}
 
 
 class LoggerUnavailableError(DeltaVisionError):

@@ -180,7 +180,7 @@ def _epoch(run: _Run, epoch: int, sampler, train_loader, val_loader, result: Tra
     metrics = run.objective.evaluate(run.model, val_loader, device=device, precision=config.precision,
                                      world=run.world)
     return {"epoch": epoch + 1, "train_loss": train_loss, **metrics, "lr": _current_lr(run),
-            "peak_memory_mb": _peak_memory_bytes(device) / 2**20, "images_per_s": images / max(seconds, 1e-9)}
+            "process_peak_memory_mb": _peak_memory_bytes(device) / 2**20, "images_per_s": images / max(seconds, 1e-9)}
 
 
 def _seed_epoch(seed: int) -> None:
