@@ -38,7 +38,7 @@ import functools
 import itertools
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -76,10 +76,14 @@ class Setting:
     memory_steps: int
     warmup_steps: int
     timed_steps: int
+    architecture: dict = field(default_factory=dict)  # timm overrides (empty: the real Swin-T)
+    fpn_channels: int = 256
+    variants: tuple[str, ...] = tuple(VARIANTS)
 
 
 FULL_SETTING = Setting(320, 2, 2, 1, 2)
-QUICK_SETTING = Setting(128, 2, 2, 1, 1)
+TINY_SWIN = {"embed_dim": 16, "depths": (1, 1, 2, 1), "num_heads": (1, 1, 2, 2), "window_size": 4}
+QUICK_SETTING = Setting(64, 2, 2, 1, 1, TINY_SWIN, fpn_channels=32, variants=(FULL, LORA, E3VA))
 
 
 @dataclass(frozen=True)
@@ -119,11 +123,13 @@ def fixed_detection_batch(batch: int, size: int) -> tuple[torch.Tensor, list[dic
     return images.to(DEVICE), targets
 
 
-def build_detector(label: str, image_size: int) -> torch.nn.Module:
+def build_detector(label: str, image_size: int, architecture: dict | None = None, fpn_channels: int = 256
+                   ) -> torch.nn.Module:
     method, options = VARIANTS[label]
     return deltavision.create_model(
-        SWIN, method, CLASSES, pretrained=False, backbone_options=size_options(SWIN, image_size) or None,
-        task="instance", head_options={"image_size": image_size}, **options,
+        SWIN, method, CLASSES, pretrained=False,
+        backbone_options={**size_options(SWIN, image_size), **(architecture or {})} or None,
+        task="instance", head_options={"image_size": image_size, "fpn_channels": fpn_channels}, **options,
     ).to(DEVICE)
 
 
@@ -140,16 +146,18 @@ def detection_call(model, images, targets):
     return functools.partial(detection_step, model, optimizer, images, targets)
 
 
-def measure_memory(label: str, image_size: int, batch: int, steps: int) -> dict:
-    model = build_detector(label, image_size)
+def measure_memory(label: str, image_size: int, batch: int, steps: int, architecture: dict, fpn_channels: int
+                   ) -> dict:
+    model = build_detector(label, image_size, architecture, fpn_channels)
     images, targets = fixed_detection_batch(batch, image_size)
     return {**deltavision.count_parameters(model), **peak_growth(model, images, targets, detection_call, steps)}
 
 
-def measure_step_times(labels: list[str], image_size: int, batch: int, warmup: int, runs: int) -> dict:
+def measure_step_times(labels: list[str], image_size: int, batch: int, warmup: int, runs: int,
+                       architecture: dict, fpn_channels: int) -> dict:
     images, targets = fixed_detection_batch(batch, image_size)
-    calls, skipped = prepare_all(lambda label: detection_call(build_detector(label, image_size), images, targets),
-                                 labels)
+    calls, skipped = prepare_all(
+        lambda label: detection_call(build_detector(label, image_size, architecture, fpn_channels), images, targets), labels)
     return {"step_s": interleaved_medians(calls, warmup, runs), "skipped": skipped}
 
 
@@ -160,16 +168,18 @@ TASKS = {"memory": measure_memory, "time": measure_step_times}
 
 
 def run_all(setting: Setting) -> list[dict]:
-    counter = (f"[{i}/{len(VARIANTS) + 1}]" for i in itertools.count(1))
+    counter = (f"[{i}/{len(setting.variants) + 1}]" for i in itertools.count(1))
     rows = []
-    for label in VARIANTS:
+    for label in setting.variants:
         result = run_in_fresh_process(__file__, "memory", exact_allocation=True, label=label,
-                                      image_size=setting.image_size, batch=setting.batch, steps=setting.memory_steps)
+                                      image_size=setting.image_size, batch=setting.batch, steps=setting.memory_steps,
+                                      architecture=setting.architecture, fpn_channels=setting.fpn_channels)
         rows.append({"method": label, "backbone": SWIN, **result})
         progress(f"{next(counter)} {label} memory: {describe_status(result, _memory_text)}")
     ok = [row["method"] for row in rows if row["status"] == "ok"]
     timing = run_in_fresh_process(__file__, "time", labels=ok, image_size=setting.image_size, batch=setting.batch,
-                                  warmup=setting.warmup_steps, runs=setting.timed_steps)
+                                  warmup=setting.warmup_steps, runs=setting.timed_steps, architecture=setting.architecture,
+                                  fpn_channels=setting.fpn_channels)
     progress(f"{next(counter)} step times: {describe_status(timing, _time_text)}")
     for row in rows:
         row["step_s"] = timing.get("step_s", {}).get(row["method"])
@@ -236,7 +246,8 @@ def write_cost(setting: Setting, record: RunRecord, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     report = "\n\n".join([
         "# Detection benchmark: Mask R-CNN training memory and step time",
-        f"torchvision Mask R-CNN on {SWIN} (random init), {setting.image_size}x{setting.image_size} px, batch "
+        f"torchvision Mask R-CNN on {SWIN}{' (tiny: ' + str(setting.architecture) + ')' if setting.architecture else ''}"
+        f" (random init), FPN {setting.fpn_channels}, {setting.image_size}x{setting.image_size} px, batch "
         f"{setting.batch}, AdamW; memory after {setting.memory_steps} steps (fresh process each); step time: median "
         f"of {setting.timed_steps} interleaved rounds after {setting.warmup_steps} warm-up. {record.environment()}",
         "## Targets",
@@ -321,7 +332,7 @@ def write_accuracy(setting: AccuracySetting, record: RunRecord, out: Path, runs_
 
 
 def parse_args(argv=None):
-    parser = base_parser(__doc__, "smoke test: 128 px cost, one timed round; e3va on 8 scenes at 64 px, 1 epoch")
+    parser = base_parser(__doc__, "smoke test: full, LoRA and E3VA on a tiny Swin at 64 px, one timed round; e3va on 8 scenes at 64 px, 1 epoch")
     parser.add_argument("--part", choices=["cost", "accuracy", "both"], default="both",
                         help="memory/time of Mask R-CNN on Swin-T (cost), the AP sweep (accuracy), or both (default)")
     parser.add_argument("--runs", type=Path, default=RUNS_DIR,

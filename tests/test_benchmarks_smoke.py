@@ -110,3 +110,48 @@ def test_dense_fixed_batch_has_one_label_per_pixel():
     images, masks = bench.fixed_batch(2, 16, dense=True)
     assert images.shape == (2, 3, 16, 16) and masks.shape == (2, 16, 16)
     assert masks.dtype.is_floating_point is False and 0 <= masks.min() and masks.max() < bench.common.NUM_CLASSES
+
+
+@pytest.mark.slow
+def test_detection_benchmark_quick_writes_cost_targets_and_ap_table(tmp_path):
+    """benchmarks/detection.py --quick: a measured Mask R-CNN row for full, LoRA and E3VA, three E3VA target
+    lines, and an AP row for e3va trained on fashion-scenes (never the values)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    out = tmp_path / "det-quick"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "detection.py"), "--quick", "--out", str(out),
+                           "--runs", str(tmp_path / "runs")], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cost = (out / "detection.md").read_text()
+    for method in ("full", "lora", "e3va-r8"):
+        row = re.search(rf"^\| {method} \| ([\d,]+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", cost, re.MULTILINE)
+        assert row, f"no measured row for {method}:\n{cost}"
+    assert len(re.findall(r"^(PASS|MISS)  e3va-r8 Mask R-CNN ", cost, re.MULTILINE)) == 3, cost
+    accuracy = (out / "detection_accuracy.md").read_text()
+    row = re.search(r"^\| e3va \| [\d,]+ \| [\d.e-]+ \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
+                    accuracy, re.MULTILINE)
+    assert row, f"no AP row for e3va:\n{accuracy}"
+    assert all(0 <= float(value) <= 100 for value in row.groups())
+    for name in ("detection.png", "detection.csv", "detection_accuracy.png", "detection_accuracy.csv"):
+        assert (out / name).stat().st_size > 0
+
+
+def _detection_benchmark():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import detection
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return detection
+
+
+def test_detection_targets_compare_e3va_with_full_and_lora():
+    bench = _detection_benchmark()
+    rows = [{"backbone": bench.SWIN, "method": method, "status": "ok", "peak_growth_mib": memory, "step_s": step}
+            for method, memory, step in (("full", 1000.0, 10.0), ("lora", 600.0, 9.0), ("e3va-r8", 400.0, 8.5))]
+    assert bench.target_lines(bench.add_ratios(rows)) == [
+        f"PASS  e3va-r8 Mask R-CNN {bench.SWIN}: peak memory 0.40x full fine-tuning (target <= 0.45)",
+        f"MISS  e3va-r8 Mask R-CNN {bench.SWIN}: peak memory 0.67x LoRA (target <= 0.64)",
+        f"MISS  e3va-r8 Mask R-CNN {bench.SWIN}: step time 0.85x full fine-tuning (target <= 0.8)",
+        "1 of 3 target checks pass.",
+    ]
