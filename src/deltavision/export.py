@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import ExportError
 from .io import atomic_write, refuse_overwrite
+from .tasks.registry import get_task
 
 FORMATS = ("onnx", "torchscript")
 TRACE_BATCH, CHECK_BATCH = 2, 3  # traced with one batch size, verified with another: the batch axis is dynamic
@@ -63,7 +64,7 @@ def export_adapter(
     refuse_overwrite(out, overwrite)
     folder = resolve_adapter(adapter)
     config = read_adapter_config(folder)
-    if config.get("task") in ("detection", "instance"):
+    if get_task(config.get("task", "classification")).detects:
         raise ExportError(
             f"{adapter} is a {config['task']} model: exporting torchvision's detectors (list-of-dicts outputs, "
             "data-dependent NMS) is not supported; use it from Python or `deltavision predict`"

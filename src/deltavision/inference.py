@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from .errors import AdapterFileError, DataError
 from .io import refuse_overwrite, save_tensors
 from .model import load_adapter, merge, read_adapter_config, resolve_adapter
+from .tasks.registry import get_task
 from .train.device import check_precision, resolve_device
 from .train.objectives import objective_for
 from .train.run import datasets_for_task
@@ -69,7 +70,7 @@ def merge_saved_adapter(adapter: Path, out: Path, checkpoint, pretrained: bool, 
     config = read_adapter_config(adapter)
     plain = merge(load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint))
     save_tensors(plain.state_dict(), out, metadata={"format": "pt"})
-    if config.get("task", "classification") != "classification":
+    if get_task(config.get("task", "classification")).dense:
         return dense_loading_call(config, out)
     return timm_loading_call(config["backbone"], config["num_classes"], out, config.get("backbone_options"))
 

@@ -14,6 +14,7 @@ from .errors import AdapterFileError
 from .io import atomic_write, ensure_writable_dir
 from .model import load_adapter, read_adapter_config
 from .model.hub import resolve_adapter
+from .tasks.registry import get_task
 from .train.device import resolve_device
 
 OVERLAY_ALPHA = 0.5
@@ -31,14 +32,14 @@ def predict_images(
         raise AdapterFileError(f"{adapter} does not record its input size and classes; train it with `deltavision train`")
     target = resolve_device(device)
     model = load_adapter(adapter, pretrained=pretrained, checkpoint=checkpoint).to(target).eval()
-    task = config.get("task", "classification")
-    if task != "classification":
+    task = get_task(config.get("task", "classification"))
+    if task.dense:
         if out is None:
-            raise AdapterFileError(f"a {task} adapter draws its predictions: pass --out DIR")
+            raise AdapterFileError(f"a {task.name} adapter draws its predictions: pass --out DIR")
         ensure_writable_dir(out)
-    if task == "segmentation":
+    if task.segments:
         return [_segment(model, path, config, out, target) for path in images]
-    if task in ("detection", "instance"):
+    if task.detects:
         return [_detect(model, path, config, out, target, score_threshold) for path in images]
     return [_classify(model, path, config, top, target) for path in images]
 

@@ -99,13 +99,15 @@ def evaluate_adapter(
 ) -> None:
     """Top-1/top-5 of a trained adapter on exactly its run's validation images (the run's split settings)."""
     from ..inference import evaluate_saved_adapter
+    from ..tasks.registry import get_task
 
     metrics = evaluate_saved_adapter(adapter, data, batch_size, val_limit, checkpoint, pretrained, device, precision)
     for warning in metrics["warnings"]:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    task = get_task(metrics["task"])
     if as_json:
         print(json.dumps(metrics))
-    elif metrics["task"] == "segmentation":
+    elif task.segments:
         table = Table("class", "IoU (%)")
         for key, value in metrics.items():
             if key.startswith("iou/"):
@@ -115,8 +117,8 @@ def evaluate_adapter(
             f"mIoU {metrics['miou']:.2f}%, pixel accuracy {metrics['pixel_acc']:.2f}% on {metrics['images']} "
             f"validation images of {metrics['data']}", highlight=False,
         )
-    elif metrics["task"] in ("detection", "instance"):
-        kinds = ("box", "mask") if metrics["task"] == "instance" else ("box",)
+    elif task.detects:
+        kinds = ("box", "mask") if task.masks else ("box",)
         scores = "; ".join(f"{kind} AP {metrics[f'{kind}_ap']:.2f}, AP50 {metrics[f'{kind}_ap50']:.2f}, "
                            f"AP75 {metrics[f'{kind}_ap75']:.2f}" for kind in kinds)
         console.print(f"{scores} on {metrics['images']} validation images of {metrics['data']}", highlight=False)

@@ -96,11 +96,14 @@ def train(
         raise typer.BadParameter("--data is required (unless --resume continues a run that recorded it)")
     summary = run_training(config)
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, the main process reports
-        if config.task == "segmentation":
+        from ..tasks.registry import get_task
+
+        entry = get_task(config.task)
+        if entry.segments:
             scores = f"mIoU {summary['miou']:.2f}%, pixel accuracy {summary['pixel_acc']:.2f}%"
-        elif config.task in ("detection", "instance"):
+        elif entry.detects:
             scores = f"box AP {summary['box_ap']:.2f}, AP50 {summary['box_ap50']:.2f}"
-            if config.task == "instance":
+            if entry.masks:
                 scores += f", mask AP {summary['mask_ap']:.2f}, AP50 {summary['mask_ap50']:.2f}"
         else:
             scores = f"top-1 {summary['top1']:.2f}%, top-5 {summary['top5']:.2f}%"

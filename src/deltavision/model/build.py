@@ -16,6 +16,7 @@ from ..methods.base import MethodSpec
 from ..methods.common import unfreeze
 from ..methods.wrapper import BackboneWrapper
 from ..options import config_options
+from ..tasks.registry import get_task
 from .modes import keep_statistics, release_all
 from .state import ModelSpec, spec_of
 
@@ -52,7 +53,8 @@ def create_model(
             raise MethodOptionError(f"head={head!r} and detector={detector!r} disagree; pass one of them")
         head = detector
     head = resolve_head(task, head)
-    dense = task != "classification"
+    entry = get_task(task)
+    dense = entry.dense
     config = make_config(spec, method_options)  # a bad option fails before any weights load
     if dense and hasattr(config, "dense"):
         config = dataclasses.replace(config, dense=True)  # E3VA: stage norms for the dense head
@@ -66,7 +68,7 @@ def create_model(
     model_spec = adapted.deltavision
     del adapted.deltavision
     _freeze_unused_final_layers(adapted, spec, backbone)
-    if task == "segmentation":
+    if entry.segments:
         if head_options:
             raise MethodOptionError("segmentation heads take no head_options")
         from ..tasks.segmentation import SegmentationModel
@@ -83,20 +85,14 @@ def create_model(
     return dense_model
 
 
-TASKS = ("classification", "segmentation", "detection", "instance")
-# Where each dense task's model keeps the adapted backbone (classification: the model itself).
-ADAPTED_BACKBONE = {"segmentation": "backbone", "detection": "backbone.body", "instance": "backbone.body"}
-
-
 def resolve_head(task: str, head: str | None) -> str | None:
     """The head of ``task`` with its default filled in; unknown tasks and heads are MethodOptionErrors."""
-    if task not in TASKS:
-        raise MethodOptionError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if task == "classification":
+    entry = get_task(task)
+    if not entry.dense:
         if head is not None:
             raise MethodOptionError("classification uses the backbone's own classifier; drop head=")
         return None
-    if task == "segmentation":
+    if entry.segments:
         from ..tasks.segmentation import check_head
 
         return check_head(head)
@@ -107,7 +103,7 @@ def resolve_head(task: str, head: str | None) -> str | None:
 
 def adapted_backbone(model: nn.Module) -> nn.Module:
     """The adapted timm model (or method wrapper) inside a deltavision model of any task."""
-    path = ADAPTED_BACKBONE.get(spec_of(model).task)
+    path = get_task(spec_of(model).task).adapted_backbone
     return model.get_submodule(path) if path else model
 
 
@@ -198,8 +194,9 @@ def merge(model: nn.Module) -> nn.Module:
             f"method {spec.method!r} adds modules that cannot be folded into the backbone; "
             "save it with save_adapter and load it with load_adapter instead"
         )
-    if spec.task != "classification":
-        owner_path, _, name = ADAPTED_BACKBONE[spec.task].rpartition(".")
+    entry = get_task(spec.task)
+    if entry.dense:
+        owner_path, _, name = entry.adapted_backbone.rpartition(".")
         owner = model.get_submodule(owner_path)
         inner = getattr(owner, name)
         setattr(owner, name, method.merge(inner, _anatomy_for(inner, method, spec.backbone)) or inner)

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..tasks.metrics import ConfusionMatrix
+from ..tasks.registry import get_task
 from .device import autocast
 from .distributed import World, all_sum
 
@@ -252,8 +253,9 @@ class DetectionObjective(Objective):
 
 def objective_for(task: str, classes: list[str] | None = None):
     """The objective of ``task``; the dense tasks need the class names."""
-    if task == "segmentation":
+    entry = get_task(task)
+    if entry.segments:
         return SegmentationObjective(classes or [])
-    if task in ("detection", "instance"):
-        return DetectionObjective(classes or [], masks=task == "instance")
+    if entry.detects:
+        return DetectionObjective(classes or [], masks=entry.masks)
     return ClassificationObjective(len(classes) if classes else None)

@@ -25,6 +25,7 @@ from ..io import ensure_writable_dir, load_json, save_json
 from ..memory import peak_rss_bytes
 from ..methods import get_method, make_config
 from ..options import config_options
+from ..tasks.registry import get_task
 from .device import check_precision, resolve_device
 from .distributed import setup
 from .loop import CHECKPOINT, TrainConfig, train
@@ -86,13 +87,13 @@ def resolve_run(config: RunConfig) -> RunConfig:
     """
     spec = get_method(config.method)
     options = config_options(make_config(spec, config.options))
-    lr = config.train.lr if config.train.lr is not None else spec.default_lr
-    if config.train.lr is None and config.task in ("detection", "instance"):
-        lr = min(lr, DETECTOR_MAX_LR)
     image_size = config.image_size or data_settings(config.backbone, config.backbone_options)["image_size"]
     from ..model.build import resolve_head
 
     head = resolve_head(config.task, config.head)
+    lr = config.train.lr if config.train.lr is not None else spec.default_lr
+    if config.train.lr is None and get_task(config.task).detects:
+        lr = min(lr, DETECTOR_MAX_LR)
     _check_recipe(config)
     return replace(
         config, options=options, image_size=image_size, head=head, backbone_options=dict(config.backbone_options or {}),
@@ -107,7 +108,7 @@ def _check_recipe(config: RunConfig) -> None:
     resolve_logger(config.train.logger)
     train = config.train
     mixing = train.mixup > 0 or train.cutmix > 0
-    if config.task != "classification":
+    if get_task(config.task).dense:
         asked = [flag for flag, value in (("--mixup", train.mixup), ("--cutmix", train.cutmix),
                                           ("--auto-augment", config.auto_augment), ("--reprob", config.reprob),
                                           ("--color-jitter", config.color_jitter)) if value]
@@ -252,18 +253,19 @@ def datasets_for_task(task: str, source: str, data_cfg: dict, *, data_options=No
     from ..data.detection import build_detection_datasets
     from ..data.segmentation import build_segmentation_datasets
 
+    entry = get_task(task)
     common.update(image_size=data_cfg["image_size"], mean=data_cfg["mean"], std=data_cfg["std"])
-    if task == "segmentation":  # torchvision's joint image-and-mask transforms
+    if entry.segments:  # torchvision's joint image-and-mask transforms
         return build_segmentation_datasets(source, **common)
-    if task in ("detection", "instance"):
-        return build_detection_datasets(source, masks=task == "instance", **common)
+    if entry.detects:
+        return build_detection_datasets(source, masks=entry.masks, **common)
     extra = {"augmentation": augmentation} if augmentation is not None else {}
     return build_datasets(source, data_options=data_options, **common, **eval_transform_settings(data_cfg), **extra)
 
 
 def detector_options(config: RunConfig) -> dict | None:
     """Detectors resize every image to the run's input size (not torchvision's 800 px)."""
-    return {"image_size": config.image_size} if config.task in ("detection", "instance") else None
+    return {"image_size": config.image_size} if get_task(config.task).detects else None
 
 
 def eval_transform_settings(data_cfg: dict) -> dict:
