@@ -338,7 +338,7 @@ def test_draw_detections_paints_boxes_and_masks_above_the_threshold():
     assert picture[30, 30].sum() == 0 and picture[22, 30].sum() == 0, "the low-scoring detection is not drawn"
 
 
-def test_detection_runs_default_to_at_most_1e_3_but_keep_an_explicit_lr():
+def test_dense_runs_default_to_at_most_1e_3_but_keep_an_explicit_lr():
     from deltavision.train import TrainConfig
     from deltavision.train.run import RunConfig, resolve_run
 
@@ -350,4 +350,5 @@ def test_detection_runs_default_to_at_most_1e_3_but_keep_an_explicit_lr():
         return resolve_run(config).train.lr
 
     assert get_method("e3va").default_lr == 1e-2
-    assert (lr("classification"), lr("instance"), lr("detection"), lr("detection", 5e-3)) == (1e-2, 1e-3, 1e-3, 5e-3)
+    assert (lr("classification"), lr("segmentation"), lr("instance"), lr("detection")) == (1e-2, 1e-3, 1e-3, 1e-3)
+    assert (lr("segmentation", 5e-3), lr("detection", 5e-3)) == (5e-3, 5e-3)

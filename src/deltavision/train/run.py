@@ -33,9 +33,11 @@ from .objectives import objective_for
 
 ADAPTER_DIR = "adapter"
 RUN_FILE = "run.json"
-# The default learning rate of a detection run at most: torchvision's detector heads (millions of fresh
-# weights) diverge under AdamW at the 1e-2 that suits the small adapters of SSF or E3VA alone.
-DETECTOR_MAX_LR = 1e-3
+# The default learning rate of a dense run at most. The heads are millions of fresh weights: torchvision's
+# detectors diverge under AdamW at the 1e-2 that suits the small adapters of SSF or E3VA alone, and on
+# fashion-scenes segmentation E3VA/LoRA reached 17.6/16.9 mIoU at 1e-3 against 11.2/12.5 at 1e-2
+# (benchmarks/results/segmentation.md).
+DENSE_MAX_LR = 1e-3
 # Settings that do not change what a run computes, so a resume may differ in them.
 FREE_ON_RESUME = (
     "resume", "overwrite", "out_dir", "progress", "device", "workers", "channels_last", "grad_checkpointing", "compile",
@@ -92,8 +94,8 @@ def resolve_run(config: RunConfig) -> RunConfig:
 
     head = resolve_head(config.task, config.head)
     lr = config.train.lr if config.train.lr is not None else spec.default_lr
-    if config.train.lr is None and get_task(config.task).detects:
-        lr = min(lr, DETECTOR_MAX_LR)
+    if config.train.lr is None and get_task(config.task).dense:
+        lr = min(lr, DENSE_MAX_LR)
     _check_recipe(config)
     return replace(
         config, options=options, image_size=image_size, head=head, backbone_options=dict(config.backbone_options or {}),
