@@ -20,6 +20,7 @@ from deltavision.errors import (
     UnknownMethodError,
     WeightsUnavailableError,
 )
+from deltavision.model import read_adapter_config
 
 from conftest import CLASSIFIER, FAMILIES, NUM_CLASSES, TINY, random_images, tiny_model, trainable_names
 
@@ -130,6 +131,16 @@ def test_loading_into_another_model_is_a_clear_adapter_error(what, saved_vit):
     make, text = MISMATCHES[what]
     with pytest.raises(AdapterFileError, match=text) as info:
         deltavision.load_adapter(directory, make(ckpt))
+    assert str(directory) in str(info.value)
+
+
+def test_adapter_config_naming_an_unknown_task_is_an_adapter_error(saved_vit):
+    directory, _, _ = saved_vit
+    config = json.loads((directory / CONFIG).read_text())
+    config["task"] = "depth"
+    (directory / CONFIG).write_text(json.dumps(config))
+    with pytest.raises(AdapterFileError, match=r"task should be one of classification, .*not 'depth'") as info:
+        read_adapter_config(directory)
     assert str(directory) in str(info.value)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from ..defaults import VERSION as __version__
 from ..errors import AdapterFileError, NewerVersionWarning
 from ..io import load_json, load_tensors, save_json, save_tensors
+from ..tasks.registry import TASKS
 from .modes import updates_statistics
 
 ADAPTER_WEIGHTS = "deltavision.safetensors"
@@ -116,6 +117,8 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
             raise AdapterFileError(f"{path}: {key} should be {_type_names(types)}, not {value!r}")
     if config["num_classes"] < 1:
         raise AdapterFileError(f"{path}: num_classes should be at least 1, not {config['num_classes']}")
+    if config.get("task", "classification") not in TASKS:
+        raise AdapterFileError(f"{path}: task should be one of {', '.join(TASKS)}, not {config['task']!r}")
     _warn_if_newer(config.get("deltavision_version"), path)
     return config
 
