@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from deltavision.errors import DeltaVisionError
-from deltavision.mist.edge import commands
+from deltavision.mist.edge import client as edge_client, commands
 from deltavision.mist.edge.client import FeatureClient
 from deltavision.mist.edge.network import EdgeConfig, EdgeNetwork, save_edge
 from deltavision.mist.server.app import create_app, server_config
@@ -370,7 +370,7 @@ def test_edge_eval_and_predict_refuse_a_service_with_other_features(service, tmp
     image.write_bytes(png(40))
     serving = {"same service": lambda: service, "other weights": lambda: other_service(seed=1),
                "other normalisation": lambda: other_service(mean=0.4)}[difference]()  # fmt: skip
-    monkeypatch.setattr(commands, "FeatureClient", connect_to(create_app(serving)))
+    monkeypatch.setattr(edge_client, "FeatureClient", connect_to(create_app(serving)))
     try:
         if difference == "same service":
             rows = commands.predict_files(tmp_path / "edge", [image], server="http://testserver", token=TOKEN)

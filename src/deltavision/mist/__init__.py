@@ -20,8 +20,9 @@ importing timm fails). ``import deltavision`` loads its model API lazily, so it
 does not load timm either.
 
 Segmentation (the paper's appendix Sec. 8) uses the same service; the edge adds
-:mod:`.edge.masks` (masks kept beside the features) and a decoder in
-:mod:`.edge.network`.
+:mod:`.edge.masks` (masks kept beside the features), a decoder in
+:mod:`.edge.network` and :mod:`.edge.segmentation_commands` (its fit, eval and
+predict, which :mod:`.edge.commands` dispatches to).
 """
 
 __all__ = ["Gather"]

@@ -360,7 +360,7 @@ def edge_predict(
 def _predict_masks(model: Path, images: List[Path], out: Optional[Path], server: str, token: Optional[str],
                    retry_seconds: float, as_json: bool) -> None:
     from ..errors import DeltaVisionError
-    from .edge.commands import predict_masks
+    from .edge.segmentation_commands import predict_masks
 
     if out is None:
         raise DeltaVisionError(f"{model} is a segmentation edge model: pass --out DIR for its mask PNGs")

@@ -4,17 +4,19 @@ Images are sent as their encoded bytes (files as they are on disk, bundled
 arrays as PNG) and identified by their digest (sha256 of those bytes), the key the
 service caches under. :func:`download_features` sends each image at most once
 across runs: whatever the local :class:`~.store.FeatureStore` already holds is
-never requested again.
+never requested again. :func:`connected` opens a client checked to serve the
+feature space an edge model was trained on.
 """
 
 from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -23,6 +25,9 @@ from tqdm.auto import tqdm
 from ...errors import DataError, DeltaVisionError
 from .store import FeatureStore
 from ..wire import FeaturePayload, PayloadError, digest, unpack
+
+if TYPE_CHECKING:
+    from .network import EdgeConfig
 
 RETRY_STATUSES = {429, 502, 503, 504}
 RETRY_SECONDS = 60.0
@@ -126,6 +131,23 @@ class FeatureClient:
                     return _checked(response, self.url)
             self._sleep(delay)
         raise AssertionError("unreachable")
+
+
+@contextmanager
+def connected(
+    server: str | None, token: str | None, config: EdgeConfig, retry_seconds: float = RETRY_SECONDS
+) -> Iterator[FeatureClient]:
+    """A FeatureClient checked to serve the feature space the edge model of ``config`` was trained on."""
+    if not server:
+        raise DeltaVisionError("pass --server URL (or --offline to use the feature cache)")
+    with FeatureClient(server, token, retry_seconds=retry_seconds) as client:
+        fingerprint = client.info()["fingerprint"]
+        if fingerprint != config.fingerprint:
+            raise DeltaVisionError(
+                f"the service at {client.url} computes other features (fingerprint {fingerprint}) than "
+                f"this edge model was trained on ({config.fingerprint}, backbone {config.backbone})"
+            )
+        yield client
 
 
 def _retriable(response: httpx.Response) -> bool:

@@ -5,54 +5,48 @@ the local feature cache (resuming whatever an earlier run fetched), chooses k
 on the validation split when asked to, trains the LAE and saves it with a
 config naming the backbone, k, dtype, feature shape and classes. With
 ``offline=True`` nothing is fetched: the dataset and its features come from
-the cache's manifest and shards alone.
+the cache's manifest and shards alone, checked here before training.
 
-``task="segmentation"`` lists image/mask pairs instead (:mod:`.masks`), keeps
-each mask, resized to the service's input size, in the cache beside the
-features, trains the LAE with a segmentation decoder through the main training
-loop (``log.csv`` with mIoU per epoch in the output folder) and saves the task
-in the edge config; evaluation reports mIoU, pixel accuracy and IoU per class,
-and prediction writes one palette PNG mask per image.
+This module holds what both tasks share (the options, listing and fetching the
+data, the cache manifest and its checks, the edge network's config) and the
+classification path: top-1 evaluation and labels with probabilities. With
+``task="segmentation"`` the masks are also kept in the cache (:mod:`.masks`)
+and fitting, evaluation and prediction go to :mod:`.segmentation_commands`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.nn import functional as F
 
 from ...errors import AdapterFileError, DeltaVisionError
 from ...io import refuse_overwrite
+from ...model.state import count_parameters
 from .client import (
     RETRY_SECONDS,
     FeatureClient,
     ImageItem,
     LabelledImages,
     ServiceError,
+    connected,
     download_features,
     image_files,
     labelled_images,
     request_batches,
 )
-from ...model.state import count_parameters
 from .network import CONFIG_FILE, DECODER_WIDTH, TASKS, EdgeConfig, build_edge, load_edge, save_edge
-from .fit import (
-    FeatureSet,
-    FitConfig,
-    MaskedFeatureSet,
-    evaluate_edge,
-    evaluate_segmentation_edge,
-    miou_after_training,
-    select_k,
-    train_edge,
-    train_segmentation_edge,
-)
+from .fit import FeatureSet, FitConfig, evaluate_edge, select_k, train_edge
 from .masks import SegmentedImages, segmented_images, store_masks
+from .segmentation_commands import (
+    digest_row_problem,
+    digest_rows,
+    evaluate_segmentation,
+    fit_segmentation,
+    require_masks,
+)
 from .store import MANIFEST, FeatureStore
 from ..wire import transfer_dtype
 
@@ -100,7 +94,7 @@ def fit_edge(options: FitOptions) -> dict[str, Any]:
         _require_cached(store, manifest, ks, options.dtype)
     make_model = _model_factory(service, manifest["classes"], options)
     if options.task == "segmentation":
-        model, summary = _fit_segmentation(store, manifest, ks, make_model, options)
+        model, summary = fit_segmentation(store, manifest, ks, make_model, options.fit, options.dtype, options.out)
     else:
         model, summary = _fit_classification(store, manifest, ks, make_model, options)
     model.config.training = {
@@ -138,37 +132,6 @@ def _fit_classification(store: FeatureStore, manifest: dict[str, Any], ks: list[
     return model, summary
 
 
-def _fit_segmentation(store: FeatureStore, manifest: dict[str, Any], ks: list[int], make_model, options: FitOptions):
-    """(trained segmentation edge network, summary); k chosen by val mIoU; log.csv in ``options.out``."""
-    splits = _masked_splits_reader(store, manifest, options.dtype)
-    k_scores: dict[int, float] = {}
-    best = ks[0]
-    if len(ks) > 1:
-        best, k_scores = select_k(ks, make_model, splits, options.fit, score=miou_after_training)
-    torch.manual_seed(options.fit.seed)
-    model = make_model(best)
-    train_set, val = splits(best)
-    history = [_json_safe(row) for row in train_segmentation_edge(model, train_set, val, options.fit, Path(options.out))]
-    summary = {
-        "task": "segmentation",
-        "k": best,
-        "k_scores": {str(k): v for k, v in k_scores.items()},
-        "miou": history[-1]["miou"],
-        "pixel_acc": history[-1]["pixel_acc"],
-        "trainable_parameters": count_parameters(model)["trainable"],
-        "train_images": len(train_set),
-        "val_images": len(val),
-        "dtype": options.dtype,
-        "history": history,
-    }
-    return model, summary
-
-
-def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    """A history row with NaN (the IoU of a class absent from val and predictions) as None."""
-    return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()}
-
-
 def evaluate_saved_edge(
     model_dir: Path,
     *,
@@ -184,7 +147,6 @@ def evaluate_saved_edge(
     edge network on a validation split (the training one by default); ``images`` counts them."""
     model = load_edge(model_dir)
     config = model.config
-    segmentation = config.task == "segmentation"
     cache_root = Path(cache or config.training.get("cache") or Path(model_dir) / "feature-cache")
     store = FeatureStore(cache_root, config.fingerprint)
     if offline:
@@ -193,21 +155,18 @@ def evaluate_saved_edge(
         _check_classes(manifest["classes"], config.classes)
         digests, labels = _digests(manifest["val"]), _labels(manifest["val"])
     else:
-        with _connected(server, token, config, retry_seconds) as client:
+        with connected(server, token, config, retry_seconds) as client:
             split = config.training.get("split") or {}
             images = _list_images(data or config.training.get("data"), config.task, split)
             _check_classes(images.classes, config.classes)
             download_features(client, store, images.val, [config.k], config.dtype, progress=True)
             digests, labels = [i.digest for i in images.val], [i.label for i in images.val]
-        if segmentation:
+        if config.task == "segmentation":
             store_masks(store, images, digests, config.image_size)
     _require_digests(store, digests, config.k, config.dtype)
-    shape = (config.tokens, config.width)
-    if segmentation:
-        _require_masks(store, digests, config.image_size)
-        masked = MaskedFeatureSet(store, config.k, config.dtype, digests, config.image_size, config.num_classes, shape)
-        return {**_json_safe(evaluate_segmentation_edge(model, masked, max(1, batch_size // 2))), "images": len(digests)}
-    features = FeatureSet(store, config.k, config.dtype, digests, torch.tensor(labels), shape)
+    if config.task == "segmentation":
+        return evaluate_segmentation(model, store, digests, batch_size)
+    features = FeatureSet(store, config.k, config.dtype, digests, torch.tensor(labels), (config.tokens, config.width))
     return evaluate_edge(model, features, batch_size)
 
 
@@ -219,7 +178,7 @@ def predict_files(
     config = model.config
     items = image_files(paths)
     results = []
-    with _connected(server, token, config, retry_seconds) as client:
+    with connected(server, token, config, retry_seconds) as client:
         limits = client.info()["limits"]
         start = 0
         for batch in request_batches(items, limits):
@@ -231,88 +190,6 @@ def predict_files(
                 results.append({"image": str(item.path), "label": config.classes[best], "probability": float(row[best])})
             start += len(batch)
     return results
-
-
-def predict_masks(
-    model_dir: Path, paths: list[Path], out: Path, *, server: str, token: str | None,
-    retry_seconds: float = RETRY_SECONDS,
-) -> list[dict[str, Any]]:
-    """One palette PNG mask per image file in ``out`` (``<stem>.png``, at the image's size), from a
-    segmentation edge network; returns, per image, the mask written and the classes it shows."""
-    from ...io import ensure_writable_dir
-
-    model = load_edge(model_dir)
-    config = model.config
-    if config.task != "segmentation":
-        raise DeltaVisionError(f"{model_dir} holds a {config.task} edge model; it predicts labels, not masks")
-    items = image_files(paths)
-    ensure_writable_dir(Path(out))
-    names = _mask_names(items)
-    results = []
-    with _connected(server, token, config, retry_seconds) as client:
-        start = 0
-        for batch in request_batches(items, client.info()["limits"]):
-            payload = client.features(batch, [config.k], config.dtype)
-            with torch.no_grad():
-                logits = model(payload.as_float32(config.k))
-            for offset, item_logits in enumerate(logits):
-                item = items[start + offset]
-                mask = _mask_at_image_size(item_logits, item.path)
-                target = Path(out) / names[start + offset]
-                write_palette_mask(mask, target)
-                present = [config.classes[c] for c in np.unique(mask)]
-                results.append({"image": str(item.path), "mask": str(target), "classes": present})
-            start += len(batch)
-    return results
-
-
-def _mask_names(items: list[ImageItem]) -> list[str]:
-    """``<stem>.png`` per image, numbered when two images share a stem."""
-    names, seen = [], set()
-    for item in items:
-        name, number = f"{item.path.stem}.png", 1
-        while name in seen:
-            number += 1
-            name = f"{item.path.stem}-{number}.png"
-        seen.add(name)
-        names.append(name)
-    return names
-
-
-def _mask_at_image_size(logits: torch.Tensor, path: Path) -> np.ndarray:
-    """Class ids (uint8) of one image's (classes, S, S) logits, resized to the upright image's size."""
-    from ...data.images import load_rgb_image
-
-    width, height = load_rgb_image(path).size
-    resized = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)
-    return resized[0].argmax(dim=0).to(torch.uint8).numpy()
-
-
-def voc_palette() -> list[int]:
-    """The Pascal VOC colour map (256 RGB triples, flattened), the colours of its mask PNGs; 255 is white."""
-    palette = []
-    for index in range(256):
-        red = green = blue = 0
-        code = index
-        for bit in range(8):
-            red |= ((code >> 0) & 1) << (7 - bit)
-            green |= ((code >> 1) & 1) << (7 - bit)
-            blue |= ((code >> 2) & 1) << (7 - bit)
-            code >>= 3
-        palette += [red, green, blue]
-    palette[255 * 3 : 256 * 3] = [255, 255, 255]
-    return palette
-
-
-def write_palette_mask(mask: np.ndarray, path: Path) -> None:
-    """``mask`` (H x W class ids) as a palette PNG: pixel values are the ids, colours VOC's."""
-    from PIL import Image
-
-    from ...io import atomic_write
-
-    image = Image.fromarray(mask, mode="P")
-    image.putpalette(voc_palette())
-    atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -360,7 +237,7 @@ def _fetch_dataset(options: FitOptions) -> tuple[FeatureStore, dict[str, Any]]:
              "val_limit": options.val_limit, "seed": options.fit.seed}  # fmt: skip
     images = _list_images(options.data, options.task, split)
     segmentation = options.task == "segmentation"
-    rows = _digest_rows if segmentation else _pairs
+    rows = digest_rows if segmentation else _pairs
     with FeatureClient(options.server, options.token, retry_seconds=options.retry_seconds) as client:
         info = client.info()
         store = FeatureStore(options.cache_root, info["fingerprint"])
@@ -418,7 +295,7 @@ def _manifest_problem(manifest: Any) -> str | None:
         if not isinstance(rows, list) or not rows:
             return f"no {split} images"
         for row in rows:
-            problem = _digest_row_problem(row, split) if task == "segmentation" else _pair_problem(row, split, classes)
+            problem = digest_row_problem(row, split) if task == "segmentation" else _pair_problem(row, split, classes)
             if problem:
                 return problem
     service = manifest.get("service")
@@ -439,10 +316,6 @@ def _pair_problem(row: Any, split: str, classes: int) -> str | None:
     return None
 
 
-def _digest_row_problem(row: Any, split: str) -> str | None:
-    return None if isinstance(row, str) and row else f"a {split} entry {str(row)[:60]} is not an image digest"
-
-
 def _requested_ks(k: str, available: list[int]) -> list[int]:
     if str(k).strip().lower() == "auto":
         return list(available)
@@ -459,10 +332,6 @@ def _pairs(items: list[ImageItem]) -> list[list]:
     return [[item.digest, item.label] for item in items]
 
 
-def _digest_rows(items: list[ImageItem]) -> list[str]:
-    return [item.digest for item in items]
-
-
 def _column(pairs: list[list]) -> tuple[list[str], list[int]]:
     return [h for h, _ in pairs], [int(label) for _, label in pairs]
 
@@ -474,20 +343,6 @@ def _digests(rows: list) -> list[str]:
 
 def _labels(rows: list) -> list[int]:
     return [-1 if isinstance(row, str) else int(row[1]) for row in rows]
-
-
-def _masked_splits_reader(store: FeatureStore, manifest: dict[str, Any], dtype: str):
-    """k -> (train, val) :class:`MaskedFeatureSet` of a segmentation manifest."""
-    shape = tuple(manifest["service"]["feature_shape"])
-    size, classes = manifest["service"]["image_size"], len(manifest["classes"])
-
-    def splits(k: int) -> tuple[MaskedFeatureSet, MaskedFeatureSet]:
-        return tuple(
-            MaskedFeatureSet(store, k, dtype, _digests(manifest[split]), size, classes, shape)
-            for split in ("train", "val")
-        )
-
-    return splits
 
 
 def _splits_reader(store: FeatureStore, manifest: dict[str, Any], dtype: str):
@@ -528,18 +383,7 @@ def _require_cached(store: FeatureStore, manifest: dict[str, Any], ks: list[int]
     for k in ks:
         _require_digests(store, digests, k, dtype)
     if _manifest_task(manifest) == "segmentation":
-        _require_masks(store, digests, manifest["service"]["image_size"])
-
-
-def _require_masks(store: FeatureStore, digests: list[str], size: int) -> None:
-    absent = store.missing_masks(digests, size)
-    if absent:
-        damaged = store.damaged_masks(size)
-        why = f" ({len(damaged)} shard(s) fail their checksum)" if damaged else ""
-        raise AdapterFileError(
-            f"the feature cache {store.folder} lacks the {size} x {size} masks of {len(absent)} image(s){why}; "
-            "run without --offline to store them again"
-        )
+        require_masks(store, digests, manifest["service"]["image_size"])
 
 
 def _require_digests(store: FeatureStore, digests: list[str], k: int, dtype: str) -> None:
@@ -561,30 +405,3 @@ def _require_digests(store: FeatureStore, digests: list[str], k: int, dtype: str
 def _check_classes(found: list[str], expected: list[str]) -> None:
     if found != expected:
         raise DeltaVisionError(f"the data has classes {found[:5]}..., but the edge model was trained on {expected[:5]}...")
-
-
-class _connected:
-    """A FeatureClient checked to serve the feature space ``config`` was trained on."""
-
-    def __init__(self, server: str | None, token: str | None, config: EdgeConfig, retry_seconds: float = RETRY_SECONDS):
-        if not server:
-            raise DeltaVisionError("pass --server URL (or --offline to use the feature cache)")
-        self.client = FeatureClient(server, token, retry_seconds=retry_seconds)
-        self.config = config
-
-    def __enter__(self) -> FeatureClient:
-        try:
-            fingerprint = self.client.info()["fingerprint"]
-        except ServiceError:
-            self.client.close()
-            raise
-        if fingerprint != self.config.fingerprint:
-            self.client.close()
-            raise DeltaVisionError(
-                f"the service at {self.client.url} computes other features (fingerprint {fingerprint}) than "
-                f"this edge model was trained on ({self.config.fingerprint}, backbone {self.config.backbone})"
-            )
-        return self.client
-
-    def __exit__(self, *exc) -> None:
-        self.client.close()
