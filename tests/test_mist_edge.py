@@ -13,7 +13,7 @@ import torch
 from deltavision.model.state import count_parameters
 
 import deltavision
-from deltavision.errors import AdapterFileError
+from deltavision.errors import AdapterFileError, DeltaVisionError
 from deltavision.mist.server.cache import FeatureLRU
 from deltavision.mist.edge.network import (
     EdgeConfig,
@@ -699,8 +699,24 @@ def test_segmentation_edge_learns_and_logs_miou_per_epoch(tmp_path):
 
 
 def test_offline_segmentation_fit_refuses_a_classification_cache(tmp_path):
-    from deltavision.errors import DeltaVisionError
-
     offline_cache(tmp_path / "cache")
     with pytest.raises(DeltaVisionError, match="holds a classification dataset.*--task classification"):
         fit_offline(tmp_path / "cache", tmp_path / "edge", task="segmentation")
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_edge_predict_refuses_a_model_of_the_other_task_before_connecting(task, tmp_path):
+    from deltavision.mist.edge.commands import predict_files
+    from deltavision.mist.edge.network import build_edge
+    from deltavision.mist.edge.segmentation_commands import predict_masks
+
+    segmentation = dict(task="segmentation", tokens=1 + 16, grid=[4, 4], num_prefix_tokens=1, image_size=32)
+    config = edge_config(**(segmentation if task == "segmentation" else {}))
+    folder = save_edge(build_edge(config), tmp_path / "edge")
+    image = tmp_path / "a.png"
+    image.write_bytes(b"not read")
+    wrong = predict_files if task == "segmentation" else predict_masks
+    kwargs = {} if task == "segmentation" else {"out": tmp_path / "masks"}
+    expected = "predicts masks, not labels" if task == "segmentation" else "predicts labels, not masks"
+    with pytest.raises(DeltaVisionError, match=expected):  # the service address is never reached
+        wrong(folder, [image], server="http://127.0.0.1:9", token=None, retry_seconds=0, **kwargs)

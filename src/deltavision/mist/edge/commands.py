@@ -176,6 +176,9 @@ def predict_files(
     """Class and probability for each image file, with features fetched from the service."""
     model = load_edge(model_dir)
     config = model.config
+    if config.task != "classification":
+        raise DeltaVisionError(f"{model_dir} holds a {config.task} edge model; it predicts masks, not labels "
+                               "(predict_masks, or `deltavision edge predict`)")
     items = image_files(paths)
     results = []
     with connected(server, token, config, retry_seconds) as client:
