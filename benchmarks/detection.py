@@ -337,6 +337,8 @@ def parse_args(argv=None):
                         help="memory/time of Mask R-CNN on Swin-T (cost), the AP sweep (accuracy), or both (default)")
     parser.add_argument("--runs", type=Path, default=RUNS_DIR,
                         help="run folders of the accuracy sweep (default benchmarks/runs/detection)")
+    parser.add_argument("--image-size", type=int, metavar="PX",
+                        help=f"cost: another input size than {FULL_SETTING.image_size} px (the targets are stated at 320)")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help=f"accuracy: only these methods (default: {', '.join(ACCURACY_METHODS)})")
     return parser.parse_args(argv)
@@ -348,6 +350,8 @@ def main(argv=None) -> None:
     setting, accuracy = (QUICK_SETTING, QUICK_ACCURACY) if args.quick else (FULL_SETTING, ACCURACY)
     if args.methods:
         accuracy = replace(accuracy, methods=tuple(args.methods))
+    if args.image_size:
+        setting = replace(setting, image_size=args.image_size)
 
     def benchmark(record: RunRecord) -> str:
         reports = []
