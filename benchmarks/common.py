@@ -454,3 +454,15 @@ def kept_or_trained(config) -> dict:
     kept = finished_run(Path(config.out_dir), config)
     row = {**kept, "cached": True} if kept else train_and_keep(config)
     return {**row, "seed": config.train.seed, "lr": row["config"]["train"]["lr"]}
+
+
+def write_sweep(rows: list[dict], report: str, out: Path, stem: str, title: str, key: str, label: str,
+                plotted: list[dict] | None = None) -> None:
+    """``stem``.md (``report``), .csv (the rows without their config and folder) and .png (``key`` against
+    trainable parameters, of ``plotted`` rows if given, else all) in ``out``."""
+    from deltavision.train.plots import plot_accuracy_vs_params
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(report)
+    write_csv([{k: v for k, v in r.items() if k not in ("config", "out_dir")} for r in rows], out / f"{stem}.csv")
+    plot_accuracy_vs_params(rows if plotted is None else plotted, out / f"{stem}.png", title, key=key, label=label)

@@ -48,11 +48,10 @@ import common
 from common import (
     DEVICE, EMBEDDED, WEIGHT_DECAY, LEARNING_RATE, RunRecord, add_ratios, base_parser, describe_status,
     fitting_methods, fmt, interleaved_medians, kept_or_trained, markdown_table, peak_growth, prepare_all, progress,
-    pyplot, run_in_fresh_process, run_script, save_figure, size_options, write_csv,
+    pyplot, run_in_fresh_process, run_script, save_figure, size_options, write_csv, write_sweep,
 )
 from deltavision.data.segmentation import FASHION_SCENES
 from deltavision.train.loop import TrainConfig
-from deltavision.train.plots import plot_accuracy_vs_params
 from deltavision.train.run import RunConfig
 from timm.optim import param_groups_weight_decay
 
@@ -319,12 +318,8 @@ def write_accuracy(setting: AccuracySetting, record: RunRecord, out: Path, runs_
         + ("; ".join(f"{m} ({why})" for m, why in skipped.items()) or "none") + ".",
         "![box AP vs trainable parameters](detection_accuracy.png)",
     ]) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "detection_accuracy.md").write_text(report)
-    write_csv([{k: v for k, v in r.items() if k not in ("config", "out_dir")} for r in rows],
-              out / "detection_accuracy.csv")
-    plot_accuracy_vs_params(rows, out / "detection_accuracy.png", f"Mask R-CNN, {EMBEDDED} on {FASHION_SCENES}",
-                            key="box_ap", label="validation box AP (%)")
+    write_sweep(rows, report, out, "detection_accuracy", f"Mask R-CNN, {EMBEDDED} on {FASHION_SCENES}",
+                key="box_ap", label="validation box AP (%)")
     return report
 
 
@@ -332,7 +327,8 @@ def write_accuracy(setting: AccuracySetting, record: RunRecord, out: Path, runs_
 
 
 def parse_args(argv=None):
-    parser = base_parser(__doc__, "smoke test: full, LoRA and E3VA on a tiny Swin at 64 px, one timed round; e3va on 8 scenes at 64 px, 1 epoch")
+    parser = base_parser(__doc__, "smoke test: full, LoRA and E3VA on a tiny Swin at 64 px, one timed round; "
+                                  "e3va on 8 scenes at 64 px, 1 epoch")
     parser.add_argument("--part", choices=["cost", "accuracy", "both"], default="both",
                         help="memory/time of Mask R-CNN on Swin-T (cost), the AP sweep (accuracy), or both (default)")
     parser.add_argument("--runs", type=Path, default=RUNS_DIR,

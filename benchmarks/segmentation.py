@@ -40,7 +40,6 @@ import deltavision  # noqa: E402
 from deltavision.data.segmentation import FASHION_SCENES  # noqa: E402
 from deltavision.methods import list_methods  # noqa: E402
 from deltavision.train.loop import TrainConfig  # noqa: E402
-from deltavision.train.plots import plot_accuracy_vs_params  # noqa: E402
 from deltavision.train.run import RunConfig  # noqa: E402
 
 import common  # noqa: E402
@@ -48,7 +47,7 @@ from common import (  # noqa: E402
     EMBEDDED, RunRecord, add_ratios, base_parser, build_model, describe_status, fitting_methods, fixed_batch, fmt,
     interleaved_medians, kept_or_trained,
     markdown_table, peak_growth, prepare_all, progress, pyplot, run_in_fresh_process, run_script,
-    save_figure, training_call, write_csv,
+    save_figure, training_call, write_csv, write_sweep,
 )
 
 SWIN, VIT = "swin_tiny_patch4_window7_224", "vit_small_patch16_224"
@@ -319,12 +318,8 @@ def write_accuracy(setting: AccuracySetting, record: RunRecord, out: Path, runs_
         + ("; ".join(f"{m} ({why})" for m, why in skipped.items()) or "none") + ".",
         "![mIoU vs trainable parameters](segmentation.png)",
     ]) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "segmentation.md").write_text(report)
-    write_csv([{k: v for k, v in r.items() if k not in ("config", "out_dir")} for r in rows], out / "segmentation.csv")
-    first_seed = [r for r in rows if r["seed"] == 0]
-    plot_accuracy_vs_params(first_seed, out / "segmentation.png", f"{EMBEDDED} on {FASHION_SCENES} (seed 0)",
-                            key="miou", label="validation mIoU (%)")
+    write_sweep(rows, report, out, "segmentation", f"{EMBEDDED} on {FASHION_SCENES} (seed 0)", key="miou",
+                label="validation mIoU (%)", plotted=[r for r in rows if r["seed"] == 0])
     return report
 
 
