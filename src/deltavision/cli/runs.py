@@ -266,8 +266,8 @@ def _report_skip(name: str, reason: str) -> None:
 def comparison_table(rows, title: str) -> Table:
     from ..compare import mean_spread
 
-    table = Table("method", "trainable", "trainable %", "top-1 %", "top-5 %", "within noise", "train s", "peak mem. growth MB",
-                  title=title)
+    table = Table("method", "trainable", "trainable %", "top-1 %", "top-5 %", "within noise", "train s",
+                  "peak mem. growth MB", title=title)
     for r in rows:
         table.add_row(r["method"], f"{r['trainable']:,}", f"{r['trainable_pct']:.2f}", mean_spread(r, "top1"),
                       mean_spread(r, "top5"), "yes" if r["within_noise"] else "no", f"{r['train_seconds']:.1f}",
